@@ -1,0 +1,1 @@
+"""pagewire services: thin gRPC/HTTP layers over pagewire (shared/)."""

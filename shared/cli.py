@@ -1,0 +1,62 @@
+"""The `pagewire` command. For now: `pagewire generate` (one-shot generation, offline engine).
+`pagewire up` and `pagewire serve ROLE` arrive with the serving pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pagewire import LLM, SamplingParams
+
+    llm = LLM(model=args.model, dtype=args.dtype, show_progress=False)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
+                            max_tokens=args.max_tokens, seed=args.seed)
+    start = time.perf_counter()
+    if args.chat:
+        outputs = llm.chat([{"role": "user", "content": p} for p in args.prompt][:1], params)
+    else:
+        outputs = llm.generate(args.prompt, params)
+    elapsed = time.perf_counter() - start
+    num_tokens = 0
+    for output in outputs:
+        completion = output.outputs[0]
+        num_tokens += len(completion.token_ids)
+        print(f"--- prompt: {output.prompt!r}" if output.prompt else "--- chat")
+        print(completion.text)
+        print(f"--- finish_reason={completion.finish_reason} tokens={len(completion.token_ids)}")
+    print(f"{num_tokens} tokens in {elapsed:.2f} s ({num_tokens / elapsed:.1f} tokens/s)",
+          file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagewire", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate text for prompts, offline")
+    gen.add_argument("prompt", nargs="+", help="one or more prompts")
+    gen.add_argument("--model", default=None,
+                     help="HF model directory or .gguf file (default: embedded SmolLM2-135M)")
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--chat", action="store_true", help="apply the chat template to the prompt")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"pagewire: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Engine configuration: one frozen dataclass per concern, validated at construction.
+
+Facts computed at start (the number of KV blocks, the resolved model directory) live in runtime
+objects, never written back here (STYLE.md, habit 14).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+
+
+def parse_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """'auto' means float32 on CPU (no fast bf16 here) and bfloat16 on CUDA."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine needs to start. Built once (from LLM() kwargs or CLI flags)."""
+
+    model: str | None = None
+    """A Hugging Face model directory, a .gguf file, or None for the embedded SmolLM2-135M."""
+    tokenizer: str | None = None
+    """Tokenizer directory; defaults to the model's own."""
+    load_format: str = "auto"
+    """auto | safetensors | gguf | dummy (random weights for the model's config)."""
+    dtype: str = "auto"
+    device: str = field(default_factory=default_device)
+    seed: int = 0
+    """Seeds dummy weights and the sampler's shared generator."""
+    block_size: int = 16
+    """Tokens per KV block. The router hashes prompts with the same block size."""
+    kv_cache_memory_bytes: int | None = None
+    """KV cache budget. None: 1 GiB on CPU; on CUDA, gpu_memory_utilization of the device."""
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    """Context limit (prompt + output); defaults to the model's max_position_embeddings."""
+    max_num_seqs: int = 256
+    """Most sequences in one step."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step (prefill chunks + decode tokens)."""
+    enable_prefix_caching: bool = True
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        parse_dtype(self.dtype, self.device)
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError("kv_cache_memory_bytes must be > 0")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError("max_model_len must be >= 1")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return parse_dtype(self.dtype, self.device)
+
+    def replace(self, **changes) -> EngineConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,322 @@
+"""The engine: requests in, tokens out, one step at a time. The offline LLM class, the prefill
+worker and the decode worker all drive this same object (in different roles).
+
+A step: the scheduler picks sequences and token counts, the runner computes them and samples,
+then each sampled token is appended, detokenized and checked against the stop conditions.
+Not thread-safe: one thread owns an engine and calls step() in a loop.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pagewire.config import EngineConfig
+from pagewire.engine.block_manager import BlockManager
+from pagewire.engine.kv_transfer import KVLayout, decode_kv, dtype_name, encode_kv
+from pagewire.engine.model_runner import ModelRunner
+from pagewire.engine.scheduler import Scheduler
+from pagewire.engine.sequence import FinishReason, Sequence
+from pagewire.model.model_source import resolve_model
+from pagewire.outputs import CompletionOutput, Logprob, RequestOutput
+from pagewire.sampling.params import SamplingParams
+from pagewire.sampling.sampler import make_generator
+from pagewire.tokenizer.detokenizer import IncrementalDetokenizer
+from pagewire.tokenizer.loader import eos_token_ids, load_tokenizer
+from pagewire.tokenizer.stop_strings import StopStringMatcher
+
+
+@dataclass
+class EngineStats:
+    """Counters since start, for tests, benchmarks and /metrics."""
+
+    num_steps: int = 0
+    num_computed_tokens: int = 0  # tokens run through the model (prefill chunks + decodes)
+    num_prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_preemptions: int = 0
+
+
+class InvalidRequestError(ValueError):
+    """The request cannot be served as asked (bad prompt, too long, unknown id...)."""
+
+
+class OutOfKVBlocksError(RuntimeError):
+    """Not enough free KV blocks to import a sequence now; retry later or elsewhere."""
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.source = resolve_model(config.model, config.tokenizer)
+        self.tokenizer = load_tokenizer(self.source) if self.source.tokenizer_dir else None
+        self.runner = ModelRunner(config, self.source)
+        spec = self.runner.spec
+        self.max_model_len = min(config.max_model_len or spec.max_context, spec.max_context)
+        kv = self.runner.kv_info
+        if kv.num_tokens < self.max_model_len:
+            raise ValueError(f"the KV cache holds {kv.num_tokens} tokens, fewer than "
+                             f"max_model_len={self.max_model_len}: raise the KV budget or "
+                             "lower max_model_len")
+        print(f"pagewire: {self.source.name} on {config.device} ({config.torch_dtype}); "
+              f"{kv.describe()}", flush=True)
+        self.block_manager = BlockManager(kv.num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.eos_token_ids = eos_token_ids(self.source, self.tokenizer)
+        self.kv_layout = KVLayout(self.source.name, dtype_name(config.torch_dtype),
+                                  config.block_size, spec.num_layers, spec.num_kv_heads,
+                                  spec.head_dim)
+        self.seqs: dict[str, Sequence] = {}
+        self.stats = EngineStats()
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._stop_matchers: dict[str, StopStringMatcher] = {}
+        self._texts: dict[str, str] = {}
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams | None = None, hold_kv: bool = False,
+                    prompt: str | None = None) -> Sequence:
+        """Queues a request. hold_kv keeps its blocks after it finishes, for export_kv."""
+        params = params or SamplingParams()
+        self._validate(request_id, prompt_token_ids, params)
+        seq = Sequence(request_id, list(prompt_token_ids), params, self.config.block_size,
+                       arrival_time=time.monotonic(), prompt_text=prompt, hold_kv=hold_kv)
+        self._register(seq)
+        self.scheduler.add(seq)
+        return seq
+
+    def _validate(self, request_id: str, prompt_token_ids: list[int],
+                  params: SamplingParams) -> None:
+        if request_id in self.seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        vocab = self.runner.spec.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"token ids out of the vocabulary [0, {vocab}): {bad[:5]}")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt_token_ids)} tokens; this model's context is "
+                f"{self.max_model_len} tokens, which must also hold at least one output token")
+
+    def _register(self, seq: Sequence) -> None:
+        params = seq.params
+        if not params.ignore_eos:
+            seq.eos_token_ids = self.eos_token_ids
+        if params.seed is not None:
+            seq.generator = make_generator(params.seed, self.runner.device)
+        self.seqs[seq.request_id] = seq
+        self._texts[seq.request_id] = ""
+        if self.tokenizer is not None:
+            self._detokenizers[seq.request_id] = IncrementalDetokenizer(
+                self.tokenizer, seq.prompt_token_ids, params.skip_special_tokens)
+        if params.stop:
+            self._stop_matchers[seq.request_id] = StopStringMatcher(
+                params.stop, params.include_stop_str_in_output)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        if not seq.is_finished:
+            self.scheduler.finish(seq, FinishReason.ABORT)
+        seq.hold_kv = False
+        self.block_manager.free(seq.block_table)
+        return self._pop_output(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def num_unfinished_requests(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    # ---- the step ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one step; returns an output for every request that got a token or finished."""
+        batch = self.scheduler.schedule()
+        self.stats.num_preemptions += len(batch.preempted)
+        if not batch:
+            return []
+        self.stats.num_steps += 1
+        self.stats.num_computed_tokens += batch.num_batched_tokens
+        self.stats.num_prefix_hit_tokens += batch.num_prefix_hit_tokens
+        result = self.runner.execute(batch)
+        self.scheduler.commit_step(batch)
+        outputs = []
+        if result.output is not None:
+            out = result.output
+            token_ids = out.sampled_token_ids.tolist()
+            logprobs = _logprob_rows(out, len(token_ids))
+            for row, seq in enumerate(result.seqs):
+                seq.append_token(token_ids[row])
+                if seq.params.logprobs is not None:
+                    sampled, top = logprobs[row]
+                    seq.output_logprobs.append((sampled, top[:seq.params.logprobs]))
+                self._after_token(seq, token_ids[row])
+                outputs.append(self._output(seq))
+                if seq.is_finished and not seq.hold_kv:
+                    self._forget(seq)
+        return outputs
+
+    def _after_token(self, seq: Sequence, token_id: int) -> None:
+        params = seq.params
+        rid = seq.request_id
+        stop_token = token_id in params.stop_token_ids or token_id in seq.eos_token_ids
+        if stop_token and seq.num_output_tokens > params.min_tokens - 1:
+            self._finish_text(seq, [token_id] if params.include_stop_str_in_output else [])
+            seq.stop_reason = token_id if token_id in params.stop_token_ids else None
+            self.scheduler.finish(seq, FinishReason.STOP)
+            return
+        new_text = ""
+        if rid in self._detokenizers:
+            new_text = self._detokenizers[rid].add_tokens([token_id])
+        matcher = self._stop_matchers.get(rid)
+        if matcher is not None:
+            emitted, stopped = matcher.feed(new_text)
+            self._texts[rid] += emitted
+            if stopped:
+                seq.stop_reason = matcher.matched_stop
+                self.scheduler.finish(seq, FinishReason.STOP)
+                return
+        else:
+            self._texts[rid] += new_text
+        max_tokens = params.max_tokens or self.max_model_len
+        if seq.num_output_tokens >= max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish_text(seq, [])
+            self.scheduler.finish(seq, FinishReason.LENGTH)
+
+    def _finish_text(self, seq: Sequence, extra_tokens: list[int]) -> None:
+        """Releases text held back by the detokenizer and the stop matcher at the end;
+        extra_tokens (a stop token the user wants to see) are rendered first."""
+        rid = seq.request_id
+        tail = ""
+        if rid in self._detokenizers:
+            detokenizer = self._detokenizers[rid]
+            tail = detokenizer.add_tokens(extra_tokens) + detokenizer.flush()
+        matcher = self._stop_matchers.get(rid)
+        if matcher is not None:
+            emitted, _ = matcher.feed(tail) if tail else ("", False)
+            tail = emitted + matcher.flush()
+        self._texts[rid] += tail
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        logprobs = None
+        cumulative = None
+        if seq.params.logprobs is not None:
+            logprobs = [self._logprob_dict(s, top) for s, top in seq.output_logprobs]
+            cumulative = sum(s[1] for s, _ in seq.output_logprobs)
+        completion = CompletionOutput(
+            index=0, text=self._texts.get(seq.request_id, ""),
+            token_ids=list(seq.output_token_ids), cumulative_logprob=cumulative,
+            logprobs=logprobs,
+            finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+            stop_reason=seq.stop_reason)
+        return RequestOutput(seq.request_id, getattr(seq, "prompt_text", None),
+                             list(seq.prompt_token_ids), [completion], seq.is_finished,
+                             num_cached_tokens=seq.num_cached_tokens)
+
+    def _logprob_dict(self, sampled, top) -> dict[int, Logprob]:
+        token_id, value = sampled
+        entries = {tid: Logprob(lp, rank=i + 1) for i, (tid, lp) in enumerate(top)}
+        if token_id not in entries:
+            entries[token_id] = Logprob(value)
+        return entries
+
+    def _pop_output(self, seq: Sequence) -> RequestOutput:
+        output = self._output(seq)
+        self._forget(seq)
+        return output
+
+    def _forget(self, seq: Sequence) -> None:
+        rid = seq.request_id
+        self.seqs.pop(rid, None)
+        self._detokenizers.pop(rid, None)
+        self._stop_matchers.pop(rid, None)
+        self._texts.pop(rid, None)
+
+    # ---- KV export / import ------------------------------------------------------------------
+
+    def export_kv(self, request_id: str) -> bytes:
+        """The KV of every computed token of a held sequence (add_request(hold_kv=True))."""
+        seq = self._held(request_id)
+        num_tokens = seq.num_computed_tokens
+        num_blocks = -(-num_tokens // self.config.block_size)
+        blocks = self.runner.read_blocks(seq.block_table[:num_blocks])
+        return encode_kv(self.kv_layout, num_tokens, blocks)
+
+    def release(self, request_id: str) -> None:
+        """Frees a held sequence's blocks (after export, or when the transfer failed)."""
+        seq = self._held(request_id)
+        seq.hold_kv = False
+        self.block_manager.free(seq.block_table)
+        self._forget(seq)
+
+    def _held(self, request_id: str) -> Sequence:
+        seq = self.seqs.get(request_id)
+        if seq is None or not seq.hold_kv:
+            raise InvalidRequestError(f"no held sequence {request_id!r}")
+        return seq
+
+    def import_kv(self, request_id: str, prompt_token_ids: list[int],
+                  output_token_ids: list[int], kv_data: bytes,
+                  params: SamplingParams | None = None, num_cached_tokens: int = 0) -> Sequence:
+        """Continues a sequence whose KV another engine computed. The KV must cover every token
+        but the last (the last sampled token is the next step's input)."""
+        params = params or SamplingParams()
+        layout, num_tokens, blocks = decode_kv(kv_data)
+        self.kv_layout.check_matches(layout)
+        self._validate(request_id, prompt_token_ids, params)
+        all_tokens = list(prompt_token_ids) + list(output_token_ids)
+        if num_tokens != len(all_tokens) - 1:
+            raise InvalidRequestError(f"the KV covers {num_tokens} tokens; the sequence has "
+                                      f"{len(all_tokens)}, so it must cover {len(all_tokens) - 1}")
+        if self.block_manager.num_free_blocks < blocks.shape[0]:
+            raise OutOfKVBlocksError(f"{blocks.shape[0]} KV blocks needed, "
+                                     f"{self.block_manager.num_free_blocks} free")
+        seq = Sequence(request_id, list(prompt_token_ids), params, self.config.block_size,
+                       arrival_time=time.monotonic())
+        seq.num_cached_tokens = num_cached_tokens
+        self._register(seq)
+        for token_id in output_token_ids:  # replay, so text and stop state match the origin
+            seq.append_token(token_id)
+            self._after_token(seq, token_id)
+            if seq.is_finished:
+                self._forget(seq)
+                return seq
+        if seq.generator is not None:
+            _skip_draws(seq.generator, len(output_token_ids), self.runner.spec.vocab_size)
+        ok = self.block_manager.allocate(seq.block_table, num_tokens)
+        assert ok, "free blocks were counted above"
+        self.runner.write_blocks(seq.block_table, blocks)
+        seq.num_computed_tokens = num_tokens
+        self.block_manager.cache_full_blocks(seq.block_table, seq.block_hashes, num_tokens)
+        self.scheduler.add(seq)
+        return seq
+
+
+def _skip_draws(generator: torch.Generator, num_steps: int, vocab_size: int) -> None:
+    """Advance a seeded generator past the draws the exporting engine made (one vocab-sized
+    draw per sampled token, the sampler's contract), so seeded sampling continues identically."""
+    scratch = torch.empty(vocab_size, device=generator.device)
+    for _ in range(num_steps):
+        scratch.exponential_(generator=generator)
+
+
+def _logprob_rows(out, num_rows: int) -> list[tuple[tuple[int, float], list[tuple[int, float]]]]:
+    if out.sampled_logprobs is None:
+        return [((0, 0.0), [])] * num_rows
+    sampled_ids = out.sampled_token_ids.tolist()
+    sampled = out.sampled_logprobs.tolist()
+    top_ids = out.top_logprob_ids.tolist() if out.top_logprob_ids is not None else None
+    top_vals = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+    rows = []
+    for i in range(num_rows):
+        top = list(zip(top_ids[i], top_vals[i])) if top_ids is not None else []
+        rows.append(((sampled_ids[i], sampled[i]), top))
+    return rows

@@ -1,0 +1,83 @@
+"""A request's state inside the engine, counted in tokens (STYLE.md, habit 6).
+
+`num_computed_tokens` tokens of `token_ids` have KV in `block_table`. A prefill chunk, a prefix
+hit, an imported KV prefix and a decode step all just advance it; when it reaches len(token_ids)
+the sequence samples its next token.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from pagewire.engine.prefix_hash import extend_block_hashes
+from pagewire.sampling.params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token or a stop string
+    LENGTH = "length"  # max_tokens or the context limit
+    ABORT = "abort"
+
+
+@dataclass(eq=False)  # identity semantics: queues find and remove sequences by identity
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    block_size: int
+    arrival_time: float = 0.0
+    prompt_text: str | None = None
+    token_ids: list[int] = field(init=False)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (or imported)
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    generator: torch.Generator | None = None  # per-request RNG when params.seed is set
+    eos_token_ids: frozenset[int] = frozenset()  # empty when params.ignore_eos
+    hold_kv: bool = False  # keep blocks after finishing, for KV export (prefill role)
+    # Logprobs of each output token: (sampled logprob, {token_id: logprob} of the top-n).
+    output_logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+        self._update_hashes()
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        self._update_hashes()
+
+    def _update_hashes(self) -> None:
+        extend_block_hashes(self.block_hashes, self.token_ids, self.block_size)

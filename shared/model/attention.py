@@ -1,0 +1,150 @@
+"""Attention over the paged KV cache: the metadata one step needs, and the torch backend.
+
+The KV cache of one layer is a tensor [2, num_blocks, block_size, num_kv_heads, head_dim]
+(keys, values). A token's slot is block_id * block_size + offset. Every step:
+  1. the new tokens' K/V are written into their slots (slot_mapping);
+  2. each sequence's queries attend to its whole context, gathered from its blocks.
+
+The batch is ordered decode sequences first (one query each), then prefill chunks (many
+queries each, causal after any cached prefix). The torch backend pads each of the two groups
+to a rectangle and runs one scaled_dot_product_attention per group; the index tensors for the
+gathers are built once per step in AttentionMetadata and shared by every layer. A Triton
+backend (kernels/) reads the same metadata on CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionGroup:
+    """A rectangle of sequences padded to the same query and context length."""
+
+    token_start: int  # first flat token of the group
+    token_end: int
+    query_index: torch.Tensor  # [B, Q] flat token index of each query (pads point at token_start)
+    output_rows: torch.Tensor  # [Tg] rows of the flattened [B*Q] output that are real queries
+    context_slots: torch.Tensor  # [B, K] cache slot of each context position (pads: slot 0)
+    mask: torch.Tensor  # [B, 1, Q, K] bool, True where the query may attend
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot for each new token
+    groups: list[AttentionGroup]
+    # Plain per-sequence facts, for backends that walk block tables themselves (Triton).
+    query_start_loc: torch.Tensor  # [B+1] int32
+    seq_lens: torch.Tensor  # [B] int32, context length after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    num_decode_seqs: int
+
+
+def build_attention_metadata(
+    query_lens: list[int],
+    context_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    device: torch.device | str,
+) -> AttentionMetadata:
+    """Sequences must come decode-first: query_lens == 1 for the first num_decode seqs.
+
+    context_lens[i] is the number of tokens of sequence i whose KV exists after this step
+    (cached prefix + already computed + this step's queries).
+    """
+    slot_mapping: list[int] = []
+    for qlen, clen, table in zip(query_lens, context_lens, block_tables):
+        for pos in range(clen - qlen, clen):
+            slot_mapping.append(table[pos // block_size] * block_size + pos % block_size)
+    num_decode = 0
+    while num_decode < len(query_lens) and query_lens[num_decode] == 1:
+        num_decode += 1
+    groups = []
+    starts = [0]
+    for qlen in query_lens:
+        starts.append(starts[-1] + qlen)
+    for lo, hi in ((0, num_decode), (num_decode, len(query_lens))):
+        if hi > lo:
+            groups.append(
+                _build_group(
+                    query_lens[lo:hi], context_lens[lo:hi], block_tables[lo:hi],
+                    starts[lo], block_size, device,
+                )
+            )
+    max_blocks = max((len(t) for t in block_tables), default=0)
+    padded_tables = [t + [0] * (max_blocks - len(t)) for t in block_tables]
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+        groups=groups,
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+        block_tables=torch.tensor(padded_tables, dtype=torch.int32, device=device),
+        num_decode_seqs=num_decode,
+    )
+
+
+def _build_group(query_lens, context_lens, block_tables, token_start, block_size, device):
+    max_q, max_k = max(query_lens), max(context_lens)
+    k_pos = torch.arange(max_k)
+    q_off = torch.arange(max_q)
+    qlens = torch.tensor(query_lens)
+    clens = torch.tensor(context_lens)
+    seq_starts = token_start + torch.cumsum(qlens, 0) - qlens
+    query_valid = q_off[None, :] < qlens[:, None]
+    query_index = torch.where(query_valid, seq_starts[:, None] + q_off[None, :], token_start)
+    # Absolute position of each query: the context's last qlen positions.
+    q_pos = (clens - qlens)[:, None] + q_off[None, :]
+    causal = k_pos[None, None, :] <= q_pos[:, :, None]
+    mask = causal & (k_pos[None, None, :] < clens[:, None, None])
+    # Pad queries attend to position 0 so no row is all -inf (NaN); their output is dropped.
+    mask |= (~query_valid)[:, :, None] & (k_pos == 0)[None, None, :]
+    max_blocks = (max_k + block_size - 1) // block_size
+    tables = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks]))
+                           for t in block_tables])
+    context_slots = (tables[:, k_pos // block_size] * block_size + (k_pos % block_size)[None, :])
+    context_slots = torch.where(k_pos[None, :] < clens[:, None], context_slots, 0)
+    return AttentionGroup(
+        token_start=token_start,
+        token_end=token_start + int(qlens.sum()),
+        query_index=query_index.to(device),
+        output_rows=query_valid.flatten().nonzero().squeeze(1).to(device),
+        context_slots=context_slots.to(device),
+        mask=mask[:, None].to(device),
+    )
+
+
+def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """kv_cache: [2, num_blocks, block_size, kv_heads, head_dim]; k, v: [T, kv_heads, head_dim]."""
+    flat = kv_cache.flatten(1, 2)
+    flat[0].index_copy_(0, slot_mapping, k)
+    flat[1].index_copy_(0, slot_mapping, v)
+
+
+class TorchPagedAttention:
+    """Reference attention backend: gathers context K/V and calls SDPA once per group."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim]; returns [T, heads*head_dim]."""
+        write_kv_cache(kv_cache, k, v, meta.slot_mapping)
+        flat = kv_cache.flatten(1, 2)
+        out = torch.empty_like(q)
+        for group in meta.groups:
+            qg = q[group.query_index]  # [B, Q, H, D]
+            kg = flat[0][group.context_slots]  # [B, K, KVH, D]
+            vg = flat[1][group.context_slots]
+            og = F.scaled_dot_product_attention(
+                qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2),
+                attn_mask=group.mask, scale=self.scale,
+                enable_gqa=self.num_heads != self.num_kv_heads,
+            ).transpose(1, 2)
+            out[group.token_start:group.token_end] = og.flatten(0, 1)[group.output_rows]
+        return out.flatten(1)

@@ -1,0 +1,108 @@
+"""Weights into the model: Hugging Face safetensors directories, GGUF files (converted once
+into a cached safetensors directory, see model_source.py), or random "dummy" weights.
+
+Hugging Face keeps q/k/v and gate/up as separate tensors; the model fuses them, so each
+checkpoint name maps to (parameter, shard index) through PACKED.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+# checkpoint sub-name -> (fused parameter sub-name, shard index)
+PACKED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {model_dir}")
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _shard_sizes(model: nn.Module, fused: str) -> list[int]:
+    spec = model.spec
+    if fused == "qkv_proj":
+        kv = spec.num_kv_heads * spec.head_dim
+        return [spec.num_heads * spec.head_dim, kv, kv]
+    return [spec.intermediate_size, spec.intermediate_size]
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copies checkpoint tensors into the model; every parameter must be written exactly once."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    written: set[str] = set()
+    for ckpt_name, tensor in weights:
+        name = ckpt_name.removeprefix("model.")
+        if "rotary_emb" in name:
+            continue
+        if name == "lm_head.weight" and model.spec.tie_word_embeddings:
+            continue
+        shard = None
+        for sub, (fused, index) in PACKED.items():
+            if f".{sub}." in name:
+                name, shard = name.replace(f".{sub}.", f".{fused}."), index
+                break
+        if name not in params:
+            raise ValueError(f"checkpoint tensor {ckpt_name!r} has no place in the model")
+        param = params[name]
+        if shard is None:
+            target = param
+        else:
+            fused = name.split(".")[-2]
+            sizes = _shard_sizes(model, fused)
+            offset = sum(sizes[:shard])
+            target = param.narrow(0, offset, sizes[shard])
+            name = f"{name}#{shard}"
+        if target.shape != tensor.shape:
+            raise ValueError(f"{ckpt_name}: shape {tuple(tensor.shape)} does not match the "
+                             f"model's {tuple(target.shape)}")
+        target.copy_(tensor.to(target.dtype))
+        written.add(name)
+    _check_all_written(model, params, written)
+
+
+def _check_all_written(model, params, written):
+    missing = []
+    for name in params:
+        if name == "lm_head.weight" and model.spec.tie_word_embeddings:
+            continue
+        fused = name.split(".")[-2] if name.endswith(".weight") or name.endswith(".bias") else ""
+        if fused in ("qkv_proj", "gate_up_proj"):
+            shards = 3 if fused == "qkv_proj" else 2
+            missing += [f"{name}#{i}" for i in range(shards) if f"{name}#{i}" not in written]
+        elif name not in written:
+            missing.append(name)
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:4]}")
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Random weights with realistic scales (std 0.02, norms near 1), reproducible by seed.
+
+    Used for benchmarks of real model shapes without real checkpoints; outputs are noise.
+    """
+    # Drawn on the parameter's device: an 8B model's worth of numbers is slow on a CPU.
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.uniform_(0.9, 1.1, generator=gen)
+        else:
+            param.normal_(0.0, 0.02, generator=gen)

@@ -1,0 +1,23 @@
+"""Fixtures shared by every test folder: the embedded model, once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Two cores: keep torch from oversubscribing them when pytest and a helper both compute.
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def embedded_source():
+    from pagewire.model.model_source import resolve_model
+
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_source):
+    from pagewire.tokenizer.loader import load_tokenizer
+
+    return load_tokenizer(embedded_source)
