@@ -78,7 +78,7 @@ class BlockManager:
         for block_id in cached_blocks:
             block = self.blocks[block_id]
             assert block.block_hash is not None, f"block {block_id} is not in the prefix cache"
-            num_revived += 0
+            num_revived += block.ref_count == 0
         if num_new_blocks > self.num_free_blocks - num_revived:
             return False
         for block_id in cached_blocks:

@@ -1,0 +1,167 @@
+"""Offline throughput: the pagewire engine against Hugging Face transformers `generate`.
+
+Workload (issue 2): N prompts of random token ids with lengths uniform in [min_len, max_len]
+(seeded), `new_tokens` new tokens each with EOS ignored, greedy. transformers runs padded
+static batches of `hf_batch` (left padding, KV cache); pagewire gets every prompt at once and
+batches continuously. The two alternate `rounds` times in one process, on the same weights,
+and the table reports the median of each and their ratio.
+
+    python loadtests/offline_throughput.py                       # embedded model, CPU, float32
+    python loadtests/offline_throughput.py --model DIR --load-format dummy --dtype bfloat16 \
+        --device cuda --num-prompts 512 --min-len 128 --max-len 1024 --new-tokens 256 --no-hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+
+def make_prompts(num: int, min_len: int, max_len: int, vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (num,), generator=gen).tolist()
+    # Keep clear of special ids at the bottom of the vocabulary.
+    return [torch.randint(100, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def run_pagewire(llm, prompts, new_tokens: int) -> tuple[float, int]:
+    from pagewire import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    sync(llm.engine.config.device)
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    sync(llm.engine.config.device)
+    elapsed = time.perf_counter() - start
+    return elapsed, sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def run_hf(model, prompts, new_tokens: int, batch_size: int, device: str) -> tuple[float, int]:
+    sync(device)
+    start = time.perf_counter()
+    total = 0
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i:i + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(batch):  # left padding, as generate expects
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        with torch.inference_mode():
+            out = model.generate(ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+        total += (out.shape[1] - width) * len(batch)
+    sync(device)
+    return time.perf_counter() - start, total
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
+    parser.add_argument("--load-format", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--min-len", type=int, default=32)
+    parser.add_argument("--max-len", type=int, default=160)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--hf-batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--no-hf", action="store_true", help="time pagewire alone")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+
+    from pagewire import LLM
+
+    llm = LLM(model=args.model, load_format=args.load_format, dtype=args.dtype,
+              device=args.device, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              max_model_len=args.max_model_len, show_progress=False)
+    spec = llm.engine.runner.spec
+    prompts = make_prompts(args.num_prompts, args.min_len, args.max_len, spec.vocab_size,
+                           args.seed)
+    hf = None if args.no_hf else load_hf(llm, args)
+    # Warm-up on a few prompts: allocator, thread pools, lazy inits stay out of the numbers.
+    run_pagewire(llm, prompts[:4], 4)
+    if hf is not None:
+        run_hf(hf, prompts[:4], 4, 4, args.device)
+
+    results: dict[str, list[float]] = {"pagewire": [], "transformers": []}
+    for _ in range(args.rounds):
+        if hf is not None:
+            elapsed, tokens = run_hf(hf, prompts, args.new_tokens, args.hf_batch, args.device)
+            results["transformers"].append(tokens / elapsed)
+        elapsed, tokens = run_pagewire(llm, prompts, args.new_tokens)
+        results["pagewire"].append(tokens / elapsed)
+
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine_description(args.device),
+        "command": " ".join(sys.argv),
+        "model": llm.engine.source.name, "dtype": str(llm.engine.config.torch_dtype),
+        "workload": {k: getattr(args, k) for k in
+                     ("num_prompts", "min_len", "max_len", "new_tokens", "hf_batch", "seed")},
+        "output_tokens_per_s": {k: v for k, v in results.items() if v},
+    }
+    print_table(report, results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+def load_hf(llm, args):
+    from transformers import AutoModelForCausalLM
+
+    source = llm.engine.source
+    dtype = llm.engine.config.torch_dtype
+    if args.load_format == "dummy":
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source.model_dir)
+        with torch.device(args.device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source.model_dir, dtype=dtype)
+    return model.to(args.device).eval()
+
+
+def machine_description(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def print_table(report: dict, results: dict[str, list[float]]) -> None:
+    print(f"\n{report['model']} {report['dtype']} on {report['machine']}")
+    print(f"workload: {report['workload']}")
+    print(f"{'engine':<14}{'median tok/s':>14}{'runs':>30}")
+    for name, values in results.items():
+        if values:
+            runs = ", ".join(f"{v:.1f}" for v in values)
+            print(f"{name:<14}{statistics.median(values):>14.1f}{runs:>30}")
+    if results["transformers"]:
+        ratio = statistics.median(results["pagewire"]) / statistics.median(results["transformers"])
+        print(f"pagewire / transformers: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
