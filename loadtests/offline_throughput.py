@@ -34,6 +34,7 @@ def run_pagewire(llm, prompts, new_tokens: int) -> tuple[float, int]:
     from pagewire import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    llm.reset_prefix_cache()  # every round computes every prompt, as transformers does
     sync(llm.engine.config.device)
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

@@ -1,9 +1,32 @@
 """pagewire: an LLM inference and serving engine with a paged KV cache, continuous batching and
-disaggregated prefill/decode services. The offline API mirrors vLLM's."""
+disaggregated prefill/decode services. The offline API mirrors vLLM's.
 
-from pagewire.llm import LLM
-from pagewire.outputs import CompletionOutput, RequestOutput
-from pagewire.sampling.params import SamplingParams
+The names below load lazily: services that never run a model (router, gateway) import
+`pagewire.*` without paying for torch.
+"""
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+
+_LAZY = {
+    "LLM": "pagewire.llm",
+    "SamplingParams": "pagewire.sampling.params",
+    "RequestOutput": "pagewire.outputs",
+    "CompletionOutput": "pagewire.outputs",
+}
+
+if TYPE_CHECKING:
+    from pagewire.llm import LLM
+    from pagewire.outputs import CompletionOutput, RequestOutput
+    from pagewire.sampling.params import SamplingParams
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pagewire' has no attribute {name!r}")

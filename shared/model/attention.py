@@ -28,8 +28,8 @@ class AttentionGroup:
     token_end: int
     query_index: torch.Tensor  # [B, Q] flat token index of each query (pads point at token_start)
     output_rows: torch.Tensor  # [Tg] rows of the flattened [B*Q] output that are real queries
-    context_slots: torch.Tensor  # [B, K] cache slot of each context position (pads: slot 0)
-    mask: torch.Tensor  # [B, 1, Q, K] bool, True where the query may attend
+    context_blocks: torch.Tensor  # [B, NB] block ids covering each context (pads: block 0)
+    mask: torch.Tensor  # [B, 1, Q, NB*block_size] bool, True where the query may attend
 
 
 @dataclass
@@ -101,17 +101,19 @@ def _build_group(query_lens, context_lens, block_tables, token_start, block_size
     mask = causal & (k_pos[None, None, :] < clens[:, None, None])
     # Pad queries attend to position 0 so no row is all -inf (NaN); their output is dropped.
     mask |= (~query_valid)[:, :, None] & (k_pos == 0)[None, None, :]
+    # Whole blocks are gathered (one contiguous copy each), so the key axis is padded to a
+    # multiple of the block size; the mask hides the tail.
     max_blocks = (max_k + block_size - 1) // block_size
+    pad = max_blocks * block_size - max_k
+    mask = F.pad(mask, (0, pad), value=False)
     tables = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks]))
                            for t in block_tables])
-    context_slots = (tables[:, k_pos // block_size] * block_size + (k_pos % block_size)[None, :])
-    context_slots = torch.where(k_pos[None, :] < clens[:, None], context_slots, 0)
     return AttentionGroup(
         token_start=token_start,
         token_end=token_start + int(qlens.sum()),
         query_index=query_index.to(device),
         output_rows=query_valid.flatten().nonzero().squeeze(1).to(device),
-        context_slots=context_slots.to(device),
+        context_blocks=tables.to(device),
         mask=mask[:, None].to(device),
     )
 
@@ -135,14 +137,13 @@ class TorchPagedAttention:
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim]; returns [T, heads*head_dim]."""
         write_kv_cache(kv_cache, k, v, meta.slot_mapping)
-        flat = kv_cache.flatten(1, 2)
         out = torch.empty_like(q)
         for group in meta.groups:
             qg = q[group.query_index]  # [B, Q, H, D]
-            kg = flat[0][group.context_slots]  # [B, K, KVH, D]
-            vg = flat[1][group.context_slots]
+            # One gather for keys and values: [2, B, NB, block_size, KVH, D] -> [2, B, K, KVH, D]
+            kv = kv_cache[:, group.context_blocks].flatten(2, 3)
             og = F.scaled_dot_product_attention(
-                qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2),
+                qg.transpose(1, 2), kv[0].transpose(1, 2), kv[1].transpose(1, 2),
                 attn_mask=group.mask, scale=self.scale,
                 enable_gqa=self.num_heads != self.num_kv_heads,
             ).transpose(1, 2)

@@ -1,0 +1,1 @@
+"""Cluster state shared through Redis: the worker registry, the prefix index, routing policy."""
