@@ -17,6 +17,7 @@ from pagewire.config import EngineConfig
 from pagewire.engine.scheduler import ScheduledBatch
 from pagewire.engine.sequence import Sequence
 from pagewire.model.attention import build_attention_metadata
+from pagewire.model.cpu_kernels import paged_decode_attention_op
 from pagewire.model.llama import LlamaForCausalLM, ModelSpec
 from pagewire.model.model_source import ModelSource
 from pagewire.model.weights import init_dummy_weights, iter_safetensors, load_weights
@@ -73,6 +74,9 @@ class ModelRunner:
             init_dummy_weights(model, self.config.seed)
         else:
             load_weights(model, iter_safetensors(source.model_dir))
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            model.pack_for_cpu()
+            paged_decode_attention_op()  # compile (once per machine) before the first step
         return model.eval()
 
     def _block_bytes(self) -> int:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pagewire.model.cpu_kernels import paged_decode_attention_op
+
 
 @dataclass
 class AttentionGroup:
@@ -30,6 +32,10 @@ class AttentionGroup:
     output_rows: torch.Tensor  # [Tg] rows of the flattened [B*Q] output that are real queries
     context_blocks: torch.Tensor  # [B, NB] block ids covering each context (pads: block 0)
     mask: torch.Tensor  # [B, 1, Q, NB*block_size] bool, True where the query may attend
+
+    @property
+    def is_decode(self) -> bool:
+        return self.query_index.shape[1] == 1
 
 
 @dataclass
@@ -138,8 +144,18 @@ class TorchPagedAttention:
         """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim]; returns [T, heads*head_dim]."""
         write_kv_cache(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
+        native = paged_decode_attention_op() if _native_ok(q) else None
         for group in meta.groups:
-            qg = q[group.query_index]  # [B, Q, H, D]
+            if group.is_decode and native is not None:
+                nd = meta.num_decode_seqs
+                out[:nd] = native.paged_decode_attention(
+                    q[:nd].contiguous(), kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
+                    self.scale)
+                continue
+            if group.is_decode:  # one query per sequence, already in order: no gather
+                qg = q[group.token_start:group.token_end].unsqueeze(1)
+            else:
+                qg = q[group.query_index]  # [B, Q, H, D]
             # One gather for keys and values: [2, B, NB, block_size, KVH, D] -> [2, B, K, KVH, D]
             kv = kv_cache[:, group.context_blocks].flatten(2, 3)
             og = F.scaled_dot_product_attention(
@@ -147,5 +163,12 @@ class TorchPagedAttention:
                 attn_mask=group.mask, scale=self.scale,
                 enable_gqa=self.num_heads != self.num_kv_heads,
             ).transpose(1, 2)
-            out[group.token_start:group.token_end] = og.flatten(0, 1)[group.output_rows]
+            if group.is_decode:
+                out[group.token_start:group.token_end] = og.squeeze(1)
+            else:
+                out[group.token_start:group.token_end] = og.flatten(0, 1)[group.output_rows]
         return out.flatten(1)
+
+
+def _native_ok(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype == torch.float32
