@@ -1,7 +1,8 @@
 """On a CUDA device: does the engine's one code path run in bf16, and how close is it to
-transformers on the same weights? Prints relative logit errors (bf16 against a float32
-reference of the same weights, METHOD.md's bounds: bf16 lands between 1e-3 and 1e-2) and the
-greedy-token agreement of a short generation.
+transformers on the same weights? Prints relative logit errors against a float32 reference of
+the same weights, beside transformers' own bf16 error on them (the bound: ours may be at most
+1.5x theirs, since rounding the weights to bf16 alone costs that much), and the greedy-token
+agreement of a short generation.
 
     python loadtests/gpu_engine_check.py
 """
@@ -55,8 +56,11 @@ def check(name: str, config) -> tuple[float, float, float]:
                               runner.layer_caches, meta)
         decode_logits = runner.model.compute_logits(hidden)
         ref = hf(ids[None].cuda()).logits[0].float()
+        hf_bf16 = hf.to(torch.bfloat16)(ids[None].cuda()).logits[0].float()
+        hf.float()
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
     prefill_err, decode_err = rel(prefill_logits, ref[:299]), rel(decode_logits[0], ref[299])
+    hf_err = rel(hf_bf16, ref)
     assert torch.isfinite(prefill_logits).all() and torch.isfinite(decode_logits).all()
     prompts = [ids[:n].tolist() for n in (20, 77, 150)]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
@@ -75,18 +79,19 @@ def check(name: str, config) -> tuple[float, float, float]:
             total += 16
     del llm
     torch.cuda.empty_cache()
-    return prefill_err, decode_err, agree / total
+    return prefill_err, decode_err, hf_err, agree / total
 
 
 def main() -> int:
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"{'model':<16}{'prefill rel err':>16}{'decode rel err':>16}{'greedy prefix agree':>22}")
+    print(f"{'model':<16}{'prefill err':>12}{'decode err':>12}{'HF bf16 err':>12}"
+          f"{'greedy agree':>14}")
     ok = True
     for name, config in CONFIGS.items():
-        prefill_err, decode_err, agree = check(name, config)
-        print(f"{name:<16}{prefill_err:>16.2e}{decode_err:>16.2e}{agree:>22.0%}")
-        ok &= prefill_err < 2e-2 and decode_err < 2e-2
-    print("PASS" if ok else "FAIL: bf16 error above 2e-2")
+        prefill_err, decode_err, hf_err, agree = check(name, config)
+        print(f"{name:<16}{prefill_err:>12.2e}{decode_err:>12.2e}{hf_err:>12.2e}{agree:>14.0%}")
+        ok &= max(prefill_err, decode_err) <= 1.5 * hf_err
+    print("PASS" if ok else "FAIL: bf16 error above 1.5x transformers' own bf16 error")
     return 0 if ok else 1
 
 
