@@ -21,7 +21,7 @@ def test_preemption_under_tiny_cache_keeps_tokens_exact(llm):
     prompts = [{"prompt_token_ids": ids_of(llm, f"Story number {i}: the dragon and the")}
                for i in range(6)]
     roomy = llm.generate(prompts, GREEDY)
-    # 9 blocks of 16 tokens for six sequences of ~28 tokens each: must preempt to finish.
+    # 9 blocks of 16 tokens for six sequences of ~27 tokens (two blocks) each: must preempt.
     tiny = make_llm(kv_cache_memory_bytes=9 * 737280, max_model_len=128)
     outs = tiny.generate(prompts, GREEDY)
     assert tiny.engine.stats.num_preemptions > 0

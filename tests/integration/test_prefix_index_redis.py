@@ -7,43 +7,14 @@ import os
 import subprocess
 import sys
 import time
-import uuid
-
-import pytest
-import redis
 
 from pagewire.cluster.prefix_index import PrefixIndex
 from pagewire.engine import prefix_hash
 from pagewire.engine.block_manager import BlockManager
 from pagewire.engine.prefix_hash import hash_full_blocks
+from tests.integration.redis_helpers import delete_namespace
 
-REDIS_URL = os.environ.get("PAGEWIRE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 H = [1000 + i for i in range(8)]  # stand-in chained hashes: only identity matters to the index
-
-
-@pytest.fixture
-def redis_client():
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.fail(f"these tests need a Redis server at {REDIS_URL} (CI runs one): {exc}")
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def namespace(redis_client):
-    """A key prefix of this test's own; every key under it is deleted afterwards."""
-    ns = f"pwtest-{uuid.uuid4().hex}"
-    yield ns
-    delete_namespace(redis_client, ns)
-
-
-def delete_namespace(client, ns):
-    keys = list(client.scan_iter(match=f"{ns}:*"))
-    if keys:
-        client.delete(*keys)
 
 
 def test_longest_prefix_counts_leading_blocks_per_worker(redis_client, namespace):

@@ -2,37 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 
 import pytest
 import redis
 
 from pagewire.cluster.registry import WorkerInfo, WorkerRegistry
-
-REDIS_URL = os.environ.get("PAGEWIRE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-@pytest.fixture
-def redis_client():
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.fail(f"these tests need a Redis server at {REDIS_URL} (CI runs one): {exc}")
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def namespace(redis_client):
-    """A key prefix of this test's own; every key under it is deleted afterwards."""
-    ns = f"pwtest-{uuid.uuid4().hex}"
-    yield ns
-    keys = list(redis_client.scan_iter(match=f"{ns}:*"))
-    if keys:
-        redis_client.delete(*keys)
+from tests.integration.redis_helpers import REDIS_URL
 
 
 def info(worker_id, role="both", model="m", **load):

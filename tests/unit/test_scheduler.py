@@ -23,8 +23,8 @@ def seq(rid, prompt, max_tokens=4):
     return Sequence(rid, list(prompt), SamplingParams(max_tokens=max_tokens), BLOCK)
 
 
-def step(sched):
-    """One step; returns {request_id: num_new_tokens} and finishes sequences at max_tokens."""
+def run_step(sched):
+    """One step; finishes sequences at max_tokens; returns the scheduled batch."""
     batch = sched.schedule()
     sched.commit_step(batch)
     for s in batch.seqs:
@@ -32,6 +32,12 @@ def step(sched):
             s.append_token(7)
             if s.num_output_tokens >= s.params.max_tokens:
                 sched.finish(s, FinishReason.LENGTH)
+    return batch
+
+
+def step(sched):
+    """One step; returns {request_id: num_new_tokens}."""
+    batch = run_step(sched)
     return {s.request_id: n for s, n in zip(batch.seqs, batch.num_new_tokens)}
 
 
@@ -80,14 +86,7 @@ def test_preemption_by_recompute_under_tiny_cache():
     for _ in range(100):
         if not sched.has_unfinished():
             break
-        batch = sched.schedule()
-        preempted += [s.request_id for s in batch.preempted]
-        sched.commit_step(batch)
-        for s in batch.seqs:
-            if s.num_computed_tokens == s.num_tokens:
-                s.append_token(7)
-                if s.num_output_tokens >= s.params.max_tokens:
-                    sched.finish(s, FinishReason.LENGTH)
+        preempted += [s.request_id for s in run_step(sched).preempted]
         bm.check_invariants()
     assert preempted and preempted[0] == "b"  # the newest is preempted first
     assert b.num_preemptions >= 1
