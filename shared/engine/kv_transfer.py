@@ -2,9 +2,11 @@
 
     frame   = u32 little-endian header length | msgpack header | payload
     header  = {"format": "pagewire-kv", "version": 1, "model", "dtype", "block_size",
-               "num_layers", "num_kv_heads", "head_dim", "num_tokens", "num_blocks"}
+               "num_layers", "num_kv_heads", "head_dim", "num_tokens", "skip_blocks",
+               "num_blocks"}
     payload = num_blocks blocks, each [layers, 2 (k, v), block_size, kv_heads, head_dim] in
-              the stated dtype, C order.
+              the stated dtype, C order: the blocks after the first skip_blocks of the
+              num_tokens tokens (the receiver already holds those).
 
 Block-major order lets a sender stream blocks one by one and skip the ones the receiver holds.
 Importing into an engine with any other layout is refused (KVLayoutMismatch): a wrong layout
@@ -66,18 +68,20 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise ValueError(f"KV export does not support dtype {dtype}")
 
 
-def encode_kv(layout: KVLayout, num_tokens: int, blocks: torch.Tensor) -> bytes:
-    """blocks: [num_blocks, *layout.block_shape] on the CPU."""
+def encode_kv(layout: KVLayout, num_tokens: int, blocks: torch.Tensor,
+              skip_blocks: int = 0) -> bytes:
+    """blocks: [num_blocks, *layout.block_shape] on the CPU, the ones after skip_blocks."""
     if tuple(blocks.shape[1:]) != layout.block_shape:
         raise ValueError(f"blocks of shape {tuple(blocks.shape)} do not fit {layout}")
     header = msgpack.packb({"format": FORMAT, "version": VERSION, **asdict(layout),
-                            "num_tokens": num_tokens, "num_blocks": blocks.shape[0]})
+                            "num_tokens": num_tokens, "skip_blocks": skip_blocks,
+                            "num_blocks": blocks.shape[0]})
     payload = blocks.contiguous().view(torch.uint8).numpy().tobytes()
     return struct.pack("<I", len(header)) + header + payload
 
 
-def decode_kv(data: bytes | memoryview) -> tuple[KVLayout, int, torch.Tensor]:
-    """Returns (layout, num_tokens, blocks [num_blocks, *block_shape])."""
+def decode_kv(data: bytes | memoryview) -> tuple[KVLayout, int, int, torch.Tensor]:
+    """Returns (layout, num_tokens, skip_blocks, blocks [num_blocks, *block_shape])."""
     view = memoryview(data)
     if len(view) < 4:
         raise KVFormatError("KV export is truncated before its header")
@@ -93,6 +97,7 @@ def decode_kv(data: bytes | memoryview) -> tuple[KVLayout, int, torch.Tensor]:
     try:
         layout = KVLayout(**{k: header[k] for k in KVLayout.__dataclass_fields__})
         num_tokens, num_blocks = int(header["num_tokens"]), int(header["num_blocks"])
+        skip_blocks = int(header.get("skip_blocks", 0))
         dtype = _DTYPES[layout.dtype]
     except (KeyError, TypeError) as exc:
         raise KVFormatError(f"KV export header is incomplete: {exc}") from exc
@@ -100,8 +105,9 @@ def decode_kv(data: bytes | memoryview) -> tuple[KVLayout, int, torch.Tensor]:
     if len(payload) != num_blocks * layout.block_bytes:
         raise KVFormatError(f"KV export holds {len(payload)} payload bytes; its header declares "
                             f"{num_blocks} blocks of {layout.block_bytes}")
-    if not 0 < num_tokens <= num_blocks * layout.block_size or \
-            num_blocks != -(-num_tokens // layout.block_size):
-        raise KVFormatError(f"{num_tokens} tokens do not fill {num_blocks} blocks")
+    if num_tokens <= 0 or skip_blocks < 0 or \
+            skip_blocks + num_blocks != -(-num_tokens // layout.block_size):
+        raise KVFormatError(f"{num_tokens} tokens do not fill {skip_blocks} skipped and "
+                            f"{num_blocks} sent blocks")
     blocks = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype)
-    return layout, num_tokens, blocks.view(num_blocks, *layout.block_shape)
+    return layout, num_tokens, skip_blocks, blocks.view(num_blocks, *layout.block_shape)

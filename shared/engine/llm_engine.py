@@ -241,14 +241,20 @@ class LLMEngine:
         self._texts.pop(rid, None)
 
     # ---- KV export / import ------------------------------------------------------------------
+    # A handoff between engines is a transaction: the receiver reserves blocks (reserve_kv),
+    # the sender exports what the receiver lacks (export_kv), the receiver imports it
+    # (import_kv) or gives the reservation back (abort_request). Every path frees blocks.
 
-    def export_kv(self, request_id: str) -> bytes:
-        """The KV of every computed token of a held sequence (add_request(hold_kv=True))."""
+    def export_kv(self, request_id: str, skip_blocks: int = 0) -> bytes:
+        """The KV of every computed token of a held sequence (add_request(hold_kv=True)),
+        less the first skip_blocks blocks, which the receiver says it already holds."""
         seq = self._held(request_id)
         num_tokens = seq.num_computed_tokens
         num_blocks = -(-num_tokens // self.config.block_size)
-        blocks = self.runner.read_blocks(seq.block_table[:num_blocks])
-        return encode_kv(self.kv_layout, num_tokens, blocks)
+        if not 0 <= skip_blocks <= num_blocks:
+            raise InvalidRequestError(f"skip_blocks={skip_blocks} outside [0, {num_blocks}]")
+        blocks = self.runner.read_blocks(seq.block_table[skip_blocks:num_blocks])
+        return encode_kv(self.kv_layout, num_tokens, blocks, skip_blocks)
 
     def release(self, request_id: str) -> None:
         """Frees a held sequence's blocks (after export, or when the transfer failed)."""
@@ -263,40 +269,77 @@ class LLMEngine:
             raise InvalidRequestError(f"no held sequence {request_id!r}")
         return seq
 
+    def reserve_kv(self, request_id: str, prompt_token_ids: list[int],
+                   params: SamplingParams | None = None) -> int:
+        """Decode role, before a transfer: holds blocks for the prompt's KV. Leading full blocks
+        already in this engine's prefix cache are reused; returns how many, so the sender can
+        skip them. The reservation ends with import_kv or abort_request."""
+        params = params or SamplingParams()
+        self._validate(request_id, prompt_token_ids, params)
+        seq = Sequence(request_id, list(prompt_token_ids), params, self.config.block_size,
+                       arrival_time=time.monotonic())
+        num_tokens = len(prompt_token_ids)
+        cached = self.block_manager.cached_prefix_blocks(
+            seq.block_hashes[:num_tokens // self.config.block_size])
+        if not self.block_manager.allocate(seq.block_table, num_tokens, cached):
+            raise OutOfKVBlocksError(f"{-(-num_tokens // self.config.block_size)} KV blocks "
+                                     f"needed, {self.block_manager.num_free_blocks} free")
+        seq.reserved_blocks = len(cached)
+        self._register(seq)
+        return len(cached)
+
     def import_kv(self, request_id: str, prompt_token_ids: list[int],
                   output_token_ids: list[int], kv_data: bytes,
                   params: SamplingParams | None = None, num_cached_tokens: int = 0) -> Sequence:
-        """Continues a sequence whose KV another engine computed. The KV must cover every token
-        but the last (the last sampled token is the next step's input)."""
-        params = params or SamplingParams()
-        layout, num_tokens, blocks = decode_kv(kv_data)
+        """Continues a sequence whose KV another engine computed, into its reservation (or
+        fresh blocks). The KV must cover every token but the last (the last sampled token is
+        the next step's input). On any error a reservation stays held: abort_request frees it."""
+        layout, num_tokens, skip_blocks, blocks = decode_kv(kv_data)
         self.kv_layout.check_matches(layout)
+        if num_tokens != len(prompt_token_ids) + len(output_token_ids) - 1:
+            raise InvalidRequestError(
+                f"the KV covers {num_tokens} tokens; the sequence has "
+                f"{len(prompt_token_ids) + len(output_token_ids)}, so it must cover one fewer")
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            seq = self._fresh_import(request_id, prompt_token_ids, params, skip_blocks, blocks)
+        elif seq.reserved_blocks is None or seq.prompt_token_ids != list(prompt_token_ids):
+            raise InvalidRequestError(f"request {request_id!r} holds no reservation for this "
+                                      "prompt")
+        elif skip_blocks != seq.reserved_blocks:
+            raise InvalidRequestError(f"the KV skips {skip_blocks} blocks; the reservation "
+                                      f"holds {seq.reserved_blocks}")
+        if not self.block_manager.allocate(seq.block_table, num_tokens):
+            raise OutOfKVBlocksError("no KV blocks for the tokens beyond the prompt")
+        self.runner.write_blocks(seq.block_table[skip_blocks:skip_blocks + blocks.shape[0]],
+                                 blocks)
+        seq.reserved_blocks = None
+        seq.num_cached_tokens = num_cached_tokens
+        for token_id in output_token_ids:  # replay, so text and stop state match the origin
+            seq.append_token(token_id)
+            self._after_token(seq, token_id)
+            if seq.is_finished:
+                self.block_manager.free(seq.block_table)
+                self._forget(seq)
+                return seq
+        if seq.generator is not None:
+            _skip_draws(seq.generator, len(output_token_ids), self.runner.spec.vocab_size)
+        seq.num_computed_tokens = num_tokens
+        self.block_manager.cache_full_blocks(seq.block_table, seq.block_hashes, num_tokens)
+        self.scheduler.add(seq)
+        return seq
+
+    def _fresh_import(self, request_id, prompt_token_ids, params, skip_blocks, blocks):
+        if skip_blocks:
+            raise InvalidRequestError("the KV skips blocks but nothing was reserved for it")
+        params = params or SamplingParams()
         self._validate(request_id, prompt_token_ids, params)
-        all_tokens = list(prompt_token_ids) + list(output_token_ids)
-        if num_tokens != len(all_tokens) - 1:
-            raise InvalidRequestError(f"the KV covers {num_tokens} tokens; the sequence has "
-                                      f"{len(all_tokens)}, so it must cover {len(all_tokens) - 1}")
         if self.block_manager.num_free_blocks < blocks.shape[0]:
             raise OutOfKVBlocksError(f"{blocks.shape[0]} KV blocks needed, "
                                      f"{self.block_manager.num_free_blocks} free")
         seq = Sequence(request_id, list(prompt_token_ids), params, self.config.block_size,
                        arrival_time=time.monotonic())
-        seq.num_cached_tokens = num_cached_tokens
         self._register(seq)
-        for token_id in output_token_ids:  # replay, so text and stop state match the origin
-            seq.append_token(token_id)
-            self._after_token(seq, token_id)
-            if seq.is_finished:
-                self._forget(seq)
-                return seq
-        if seq.generator is not None:
-            _skip_draws(seq.generator, len(output_token_ids), self.runner.spec.vocab_size)
-        ok = self.block_manager.allocate(seq.block_table, num_tokens)
-        assert ok, "free blocks were counted above"
-        self.runner.write_blocks(seq.block_table, blocks)
-        seq.num_computed_tokens = num_tokens
-        self.block_manager.cache_full_blocks(seq.block_table, seq.block_hashes, num_tokens)
-        self.scheduler.add(seq)
         return seq
 
 

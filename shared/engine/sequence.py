@@ -46,7 +46,10 @@ class Sequence:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     generator: torch.Generator | None = None  # per-request RNG when params.seed is set
     eos_token_ids: frozenset[int] = frozenset()  # empty when params.ignore_eos
-    hold_kv: bool = False  # keep blocks after finishing, for KV export (prefill role)
+    hold_kv: bool = False
+    # Set while the sequence only holds blocks awaiting imported KV (reserve_kv): the number
+    # of leading blocks that came from this engine's prefix cache.
+    reserved_blocks: int | None = None  # keep blocks after finishing, for KV export (prefill role)
     # Logprobs of each output token: (sampled logprob, {token_id: logprob} of the top-n).
     output_logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
     num_preemptions: int = 0

@@ -8,7 +8,7 @@ import pytest
 
 from pagewire import SamplingParams
 from pagewire.engine.kv_transfer import KVFormatError, KVLayoutMismatch
-from pagewire.engine.llm_engine import OutOfKVBlocksError
+from pagewire.engine.llm_engine import InvalidRequestError, OutOfKVBlocksError
 from tests.engine.helpers import make_llm
 
 PROMPT = ("In a distant galaxy, a small robot named Pip discovered an ancient map. The map showed "
@@ -83,3 +83,46 @@ def test_import_without_room_fails_and_leaks_nothing(llm):
     engine.abort_request("a")
     engine.abort_request("b")
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_reserved_prefix_blocks_are_not_sent_again(llm, decode_llm):
+    """The decode side already holds a shared system prompt's blocks: the transfer skips them."""
+    system = PROMPT * 2
+    warm = llm.get_tokenizer().encode(system + " First question?")
+    prompt_ids = llm.get_tokenizer().encode(system + " Second question, a different one?")
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    expected = llm.generate({"prompt_token_ids": prompt_ids}, params)[0].outputs[0]
+    decode_llm.generate({"prompt_token_ids": warm}, SamplingParams(max_tokens=1))
+
+    engine = decode_llm.engine
+    skip = engine.reserve_kv("shared", prompt_ids, params)
+    assert skip >= 4  # the system prompt spans several full blocks
+    first = prefill(llm.engine, "shared", prompt_ids, dataclasses.replace(params, max_tokens=1))
+    full = llm.engine.export_kv("shared")
+    partial = llm.engine.export_kv("shared", skip_blocks=skip)
+    llm.engine.release("shared")
+    assert len(partial) < len(full) - skip * llm.engine.kv_layout.block_bytes * 0.99
+    engine.import_kv("shared", prompt_ids, first, partial, params)
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+    assert outputs[-1].outputs[0].token_ids == expected.token_ids
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_failed_or_abandoned_reservations_free_their_blocks(llm, decode_llm):
+    engine = decode_llm.engine
+    prompt_ids = llm.get_tokenizer().encode(PROMPT)
+    first = prefill(llm.engine, "r", prompt_ids, SamplingParams(max_tokens=1))
+    data = llm.engine.export_kv("r", skip_blocks=1)
+    llm.engine.release("r")
+    engine.reserve_kv("abandoned", prompt_ids)
+    engine.reserve_kv("mismatch", prompt_ids)
+    assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
+    with pytest.raises(InvalidRequestError, match="skips 1 blocks"):
+        engine.import_kv("mismatch", prompt_ids, first, data)
+    with pytest.raises(InvalidRequestError, match="nothing was reserved"):
+        engine.import_kv("unknown", prompt_ids, first, data)
+    engine.abort_request("abandoned")  # what a transfer timeout does
+    engine.abort_request("mismatch")
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert not engine.seqs
