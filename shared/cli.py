@@ -1,5 +1,6 @@
-"""The `pagewire` command. For now: `pagewire generate` (one-shot generation, offline engine).
-`pagewire up` and `pagewire serve ROLE` arrive with the serving pipeline."""
+"""The `pagewire` command: `pagewire generate` (one-shot generation, offline engine) and
+`pagewire serve ROLE` (one service alone; today the tokenizer, the other roles arrive with the
+serving pipeline, as does `pagewire up`)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=_generate)
+    serve = commands.add_parser("serve", help="run one service (flags also read env vars)")
+    serve.add_argument("role", choices=sorted(SERVICES), help="which service")
+    serve.add_argument("service_args", nargs=argparse.REMAINDER,
+                       help="the service's own flags (see pagewire serve ROLE --help)")
+    serve.set_defaults(func=_serve)
     return parser
+
+
+# role -> module whose main(argv) runs that service
+SERVICES = {"tokenizer": "pagewire.services.tokenizer.server"}
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import importlib
+
+    return importlib.import_module(SERVICES[args.role]).main(args.service_args)
 
 
 def main(argv: list[str] | None = None) -> int:
