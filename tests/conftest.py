@@ -21,3 +21,11 @@ def tokenizer(embedded_source):
     from pagewire.tokenizer.loader import load_tokenizer
 
     return load_tokenizer(embedded_source)
+
+
+@pytest.fixture(scope="session")
+def llm():
+    """One offline engine on the embedded model, shared by every test that only reads it."""
+    from tests.engine.helpers import make_llm
+
+    return make_llm()

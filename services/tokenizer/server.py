@@ -21,8 +21,8 @@ from transformers import AutoConfig
 
 from pagewire.model.llama import ModelSpec
 from pagewire.model.model_source import ModelSource, resolve_model
+from pagewire.services.grpc_errors import FailedPrecondition, InvalidRequest, grpc_errors
 from pagewire.services.tokenizer.config import TokenizerConfig
-from pagewire.services.tokenizer.errors import FailedPrecondition, InvalidRequest, grpc_errors
 from pagewire.tokenizer.detokenizer import IncrementalDetokenizer
 from pagewire.tokenizer.loader import eos_token_ids, load_tokenizer
 from pagewire.v1 import tokenizer_pb2, tokenizer_pb2_grpc

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from pagewire.engine.llm_engine import LLMEngine
+from pagewire.engine.sequence import Sequence
 from pagewire.outputs import RequestOutput
 
 T = TypeVar("T")
@@ -56,12 +57,18 @@ class AsyncEngine:
     async def stream(self, request_id: str,
                      submit: Callable[[LLMEngine], Any]) -> AsyncIterator[RequestOutput]:
         """Registers a stream for request_id, runs submit(engine) (add_request or import_kv)
-        on the engine thread, then yields the request's outputs until it finishes."""
+        on the engine thread, then yields the request's outputs until it finishes. A submit
+        that returns an already finished sequence (an import whose replayed tokens ended it)
+        yields that one output."""
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
         finished = False
         try:
-            await self.call(submit)
+            submitted = await self.call(submit)
+            if isinstance(submitted, Sequence) and submitted.is_finished:
+                finished = True
+                yield await self.call(lambda e: e.output_of(submitted))
+                return
             while True:
                 item = await outputs.get()
                 if isinstance(item, BaseException):

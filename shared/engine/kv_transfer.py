@@ -23,7 +23,7 @@ import torch
 
 FORMAT = "pagewire-kv"
 VERSION = 1
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class KVLayoutMismatch(ValueError):
@@ -52,7 +52,7 @@ class KVLayout:
         n = 1
         for d in self.block_shape:
             n *= d
-        return n * torch.finfo(_DTYPES[self.dtype]).bits // 8
+        return n * torch.finfo(KV_DTYPES[self.dtype]).bits // 8
 
     def check_matches(self, other: KVLayout) -> None:
         diffs = [f"{k}: {v!r} here, {getattr(other, k)!r} in the export"
@@ -62,7 +62,7 @@ class KVLayout:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    for name, value in _DTYPES.items():
+    for name, value in KV_DTYPES.items():
         if value == dtype:
             return name
     raise ValueError(f"KV export does not support dtype {dtype}")
@@ -98,7 +98,7 @@ def decode_kv(data: bytes | memoryview) -> tuple[KVLayout, int, int, torch.Tenso
         layout = KVLayout(**{k: header[k] for k in KVLayout.__dataclass_fields__})
         num_tokens, num_blocks = int(header["num_tokens"]), int(header["num_blocks"])
         skip_blocks = int(header.get("skip_blocks", 0))
-        dtype = _DTYPES[layout.dtype]
+        dtype = KV_DTYPES[layout.dtype]
     except (KeyError, TypeError) as exc:
         raise KVFormatError(f"KV export header is incomplete: {exc}") from exc
     payload = view[4 + header_len:]

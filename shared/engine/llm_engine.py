@@ -205,6 +205,11 @@ class LLMEngine:
             tail = emitted + matcher.flush()
         self._texts[rid] += tail
 
+    def output_of(self, seq: Sequence) -> RequestOutput:
+        """The current output of a sequence (for callers that hold one, e.g. after an import
+        that its replayed tokens already finished)."""
+        return self._output(seq)
+
     def _output(self, seq: Sequence) -> RequestOutput:
         logprobs = None
         cumulative = None
@@ -248,13 +253,17 @@ class LLMEngine:
     def export_kv(self, request_id: str, skip_blocks: int = 0) -> bytes:
         """The KV of every computed token of a held sequence (add_request(hold_kv=True)),
         less the first skip_blocks blocks, which the receiver says it already holds."""
+        num_tokens, blocks = self.export_kv_blocks(request_id, skip_blocks)
+        return encode_kv(self.kv_layout, num_tokens, blocks, skip_blocks)
+
+    def export_kv_blocks(self, request_id: str, skip_blocks: int = 0) -> tuple[int, torch.Tensor]:
+        """(num_tokens, blocks [n, *kv_layout.block_shape] on the CPU): export_kv unencoded."""
         seq = self._held(request_id)
         num_tokens = seq.num_computed_tokens
         num_blocks = -(-num_tokens // self.config.block_size)
         if not 0 <= skip_blocks <= num_blocks:
             raise InvalidRequestError(f"skip_blocks={skip_blocks} outside [0, {num_blocks}]")
-        blocks = self.runner.read_blocks(seq.block_table[skip_blocks:num_blocks])
-        return encode_kv(self.kv_layout, num_tokens, blocks, skip_blocks)
+        return num_tokens, self.runner.read_blocks(seq.block_table[skip_blocks:num_blocks])
 
     def release(self, request_id: str) -> None:
         """Frees a held sequence's blocks (after export, or when the transfer failed)."""
@@ -295,7 +304,20 @@ class LLMEngine:
         fresh blocks). The KV must cover every token but the last (the last sampled token is
         the next step's input). On any error a reservation stays held: abort_request frees it."""
         layout, num_tokens, skip_blocks, blocks = decode_kv(kv_data)
+        return self.import_kv_blocks(request_id, prompt_token_ids, output_token_ids, layout,
+                                     num_tokens, skip_blocks, blocks, params, num_cached_tokens)
+
+    def import_kv_blocks(self, request_id: str, prompt_token_ids: list[int],
+                         output_token_ids: list[int], layout: KVLayout, num_tokens: int,
+                         skip_blocks: int, blocks: torch.Tensor,
+                         params: SamplingParams | None = None,
+                         num_cached_tokens: int = 0) -> Sequence:
+        """import_kv with the bytes already decoded (the worker's wire format carries them)."""
         self.kv_layout.check_matches(layout)
+        if tuple(blocks.shape[1:]) != layout.block_shape or \
+                skip_blocks + blocks.shape[0] != -(-num_tokens // layout.block_size):
+            raise InvalidRequestError(f"{blocks.shape[0]} blocks after {skip_blocks} skipped "
+                                      f"do not hold {num_tokens} tokens")
         if num_tokens != len(prompt_token_ids) + len(output_token_ids) - 1:
             raise InvalidRequestError(
                 f"the KV covers {num_tokens} tokens; the sequence has "

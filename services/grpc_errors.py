@@ -1,4 +1,4 @@
-"""The one place where the tokenizer service turns exceptions into gRPC status codes.
+"""The one place where pagewire's gRPC services turn exceptions into status codes.
 
 Servicer methods raise the typed errors below (or let a bug escape as any other exception);
 `grpc_errors` aborts the call with the matching status. Unknown exceptions become INTERNAL and
@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import sys
 
 import grpc
 
@@ -24,17 +25,41 @@ class FailedPrecondition(RuntimeError):
     """The request is fine but the served model cannot answer it: FAILED_PRECONDITION."""
 
 
+class NotFound(LookupError):
+    """The request names something this server does not hold: NOT_FOUND."""
+
+
+def _engine_errors() -> tuple[tuple[type[Exception], grpc.StatusCode], ...]:
+    # Imported lazily: the tokenizer service never loads the engine (or torch).
+    from pagewire.engine.async_engine import EngineDeadError
+    from pagewire.engine.kv_transfer import KVFormatError, KVLayoutMismatch
+    from pagewire.engine.llm_engine import InvalidRequestError, OutOfKVBlocksError
+
+    return (
+        (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+        (KVLayoutMismatch, grpc.StatusCode.INVALID_ARGUMENT),
+        (KVFormatError, grpc.StatusCode.INVALID_ARGUMENT),
+        (OutOfKVBlocksError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (EngineDeadError, grpc.StatusCode.UNAVAILABLE),
+    )
+
+
 _STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
 
 
 def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
-    for error_type, code in _STATUS_BY_ERROR:
+    table = _STATUS_BY_ERROR
+    if "pagewire.engine.llm_engine" in sys.modules:
+        table = table + _engine_errors()
+    for error_type, code in table:
         if isinstance(exc, error_type):
-            return code, str(exc)
-    logger.exception("unexpected error in a tokenizer RPC")
+            return code, str(exc) or type(exc).__name__
+    logger.exception("unexpected error in an RPC")
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 

@@ -1,0 +1,53 @@
+"""The worker service's configuration: one frozen dataclass, from flags or environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from pagewire.config import EngineConfig
+
+ROLES = ("prefill", "decode", "both")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    role: str = "both"
+    """prefill | decode | both (colocated: does the whole request itself)."""
+    host: str = "127.0.0.1"
+    """Interface to listen on; loopback unless told otherwise."""
+    port: int = 50061
+    """TCP port; 0 picks a free one (reported as server.bound_port)."""
+    worker_id: str | None = None
+    """Name in the registry; defaults to role@host:port."""
+    engine: EngineConfig = EngineConfig()
+    """The engine this worker runs."""
+    kv_chunk_bytes: int = 4 << 20
+    """Largest KV message of a transfer (whole blocks; at least one block per message)."""
+    max_message_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}; got {self.role!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535]; got {self.port}")
+        if self.kv_chunk_bytes <= 0 or self.max_message_bytes <= self.kv_chunk_bytes:
+            raise ValueError("need 0 < kv_chunk_bytes < max_message_bytes")
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> WorkerConfig:
+        def number(name: str, default):
+            value = environ.get(name)
+            try:
+                return default if value in (None, "") else int(value)
+            except ValueError:
+                raise ValueError(f"{name} must be an integer; got {value!r}") from None
+
+        engine = EngineConfig(model=environ.get("PAGEWIRE_MODEL") or None,
+                              kv_cache_memory_bytes=number("PAGEWIRE_KV_CACHE_BYTES", None),
+                              max_model_len=number("PAGEWIRE_MAX_MODEL_LEN", None),
+                              show_progress=False)
+        return cls(role=environ.get("PAGEWIRE_WORKER_ROLE", "both"),
+                   host=environ.get("PAGEWIRE_WORKER_HOST", "127.0.0.1"),
+                   port=number("PAGEWIRE_WORKER_PORT", 50061),
+                   worker_id=environ.get("PAGEWIRE_WORKER_ID") or None, engine=engine)

@@ -1,0 +1,304 @@
+"""The worker service: a thin grpc.aio layer over AsyncEngine (protos/pagewire/v1/worker.proto).
+
+A disaggregated request is a transaction (worker.proto says how): Decode reserves blocks and
+waits, bounded by its transfer timeout, for the KV that the prefill worker pushes with PushKV;
+PushKV checks layout and sizes before anything reaches the engine; every failure or
+cancellation aborts the request on this worker, which frees its blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import time
+from collections.abc import Sequence
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from pagewire.engine.async_engine import AsyncEngine
+from pagewire.engine.kv_transfer import KV_DTYPES, KVLayout
+from pagewire.engine.llm_engine import LLMEngine
+from pagewire.services.grpc_errors import FailedPrecondition, InvalidRequest, NotFound, grpc_errors
+from pagewire.services.worker.config import WorkerConfig
+from pagewire.services.worker.convert import sampling_from_proto, token_batch, token_logprobs
+from pagewire.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+logger = logging.getLogger(__name__)
+DEFAULT_TIMEOUT_S = 60.0
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, engine: AsyncEngine, config: WorkerConfig, worker_id: str):
+        self.engine = engine
+        self.config = config
+        self.worker_id = worker_id
+        self.served = 0
+        # request_id -> future of (header, layout, blocks), set by PushKV for a waiting Decode
+        self._transfers: dict[str, asyncio.Future] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _require(self, role: str) -> None:
+        if self.config.role not in (role, "both"):
+            raise FailedPrecondition(f"this worker's role is {self.config.role}, not {role}")
+
+    # ---- prefill role -------------------------------------------------------------------------
+
+    @grpc_errors
+    async def Prefill(self, request, context):
+        self._require("prefill")
+        rid, prompt = _request_id(request), list(request.prompt_token_ids)
+        params = dataclasses.replace(sampling_from_proto(request.sampling), max_tokens=1)
+        timeout = request.timeout_ms / 1000 or DEFAULT_TIMEOUT_S
+        async with asyncio.timeout(timeout):
+            final = None
+            async for output in self.engine.stream(
+                    rid, lambda e: e.add_request(rid, prompt, params, hold_kv=True)):
+                final = output
+            try:
+                num_tokens, blocks = await self.engine.call(
+                    lambda e: e.export_kv_blocks(rid, request.skip_blocks))
+            finally:  # the blocks are copied out (or the export failed): free them now
+                await self.engine.call(lambda e: e.abort_request(rid))
+            completion = final.outputs[0]
+            header = self._kv_header(rid, num_tokens, request.skip_blocks, blocks.shape[0],
+                                     final)
+            start = time.perf_counter()
+            await self._push_kv(request.decode_worker_address, header, blocks)
+            elapsed_ms = int((time.perf_counter() - start) * 1000)
+        response = worker_pb2.PrefillResponse(
+            first_token_id=completion.token_ids[0], cached_tokens=final.num_cached_tokens,
+            kv_bytes=blocks.numel() * blocks.element_size(), kv_transfer_ms=elapsed_ms)
+        if completion.logprobs:
+            response.first_logprobs.CopyFrom(token_logprobs(completion.logprobs[0]))
+        return response
+
+    def _kv_header(self, rid, num_tokens, skip_blocks, num_blocks, output):
+        layout = self.engine.engine.kv_layout
+        header = worker_pb2.KVHeader(
+            request_id=rid, model=layout.model, dtype=layout.dtype,
+            block_size=layout.block_size, num_layers=layout.num_layers,
+            num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, num_tokens=num_tokens,
+            skip_blocks=skip_blocks, num_blocks=num_blocks,
+            first_token_id=output.outputs[0].token_ids[0], cached_tokens=output.num_cached_tokens)
+        if output.outputs[0].logprobs:
+            header.first_logprobs.CopyFrom(token_logprobs(output.outputs[0].logprobs[0]))
+        return header
+
+    async def _push_kv(self, address: str, header, blocks: torch.Tensor) -> None:
+        if not address:
+            raise InvalidRequest("decode_worker_address is empty")
+        block_bytes = self.engine.engine.kv_layout.block_bytes
+        per_message = max(1, self.config.kv_chunk_bytes // block_bytes)
+
+        def chunks():
+            yield worker_pb2.KVChunk(header=header)
+            for first in range(0, blocks.shape[0], per_message):
+                data = blocks[first:first + per_message].contiguous().view(torch.uint8)
+                yield worker_pb2.KVChunk(blocks=worker_pb2.KVBlocks(
+                    first_block=first, data=data.numpy().tobytes()))
+
+        stub = worker_pb2_grpc.WorkerStub(self._channel(address))
+        await stub.PushKV(chunks())
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            limit = self.config.max_message_bytes
+            self._channels[address] = grpc.aio.insecure_channel(address, options=[
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit)])
+        return self._channels[address]
+
+    # ---- decode role --------------------------------------------------------------------------
+
+    @grpc_errors
+    async def Decode(self, request, context):
+        self._require("decode")
+        rid, prompt = _request_id(request), list(request.prompt_token_ids)
+        params = sampling_from_proto(request.sampling)
+        skip = await self.engine.call(lambda e: e.reserve_kv(rid, prompt, params))
+        arrived = asyncio.get_running_loop().create_future()
+        self._transfers[rid] = arrived
+        try:
+            yield worker_pb2.DecodeResponse(reserved=worker_pb2.Reserved(
+                skip_blocks=skip, num_blocks=-(-len(prompt) // self.engine.engine.config.block_size)
+                - skip))
+            timeout = request.transfer_timeout_ms / 1000 or DEFAULT_TIMEOUT_S
+            try:
+                header, layout, blocks = await asyncio.wait_for(arrived, timeout)
+            except TimeoutError:
+                raise TimeoutError(f"no KV arrived for {rid!r} within {timeout:.1f} s") from None
+        except BaseException:
+            await self.engine.call(lambda e: e.abort_request(rid))  # frees the reservation
+            raise
+        finally:
+            self._transfers.pop(rid, None)
+
+        def submit(e: LLMEngine):
+            return e.import_kv_blocks(rid, prompt, [header.first_token_id], layout,
+                                      header.num_tokens, header.skip_blocks, blocks, params,
+                                      header.cached_tokens)
+
+        num_sent = 0
+        async for output in self.engine.stream(rid, submit):
+            yield worker_pb2.DecodeResponse(tokens=token_batch(output, num_sent))
+            num_sent = len(output.outputs[0].token_ids)
+        self.served += 1
+
+    @grpc_errors
+    async def PushKV(self, request_iterator, context):
+        self._require("decode")
+        header, parts, arrived = None, [], None
+        try:
+            async for chunk in request_iterator:
+                if chunk.HasField("header"):
+                    if header is not None:
+                        raise InvalidRequest("a second KV header in one transfer")
+                    header = chunk.header
+                    arrived = self._transfers.get(header.request_id)
+                    if arrived is None:
+                        raise NotFound(f"no reservation awaits KV for {header.request_id!r}")
+                elif header is None:
+                    raise InvalidRequest("KV blocks before the KV header")
+                else:
+                    parts.append(chunk.blocks.data)
+            if header is None:
+                raise InvalidRequest("an empty KV transfer")
+            layout, blocks = self._checked_blocks(header, parts)
+        except BaseException as exc:
+            if arrived is not None and not arrived.done():
+                arrived.set_exception(exc if isinstance(exc, Exception)
+                                      else ConnectionError("KV transfer cancelled"))
+            raise
+        if arrived.done():  # the reservation timed out meanwhile
+            raise NotFound(f"the reservation for {header.request_id!r} has ended")
+        arrived.set_result((header, layout, blocks))
+        return worker_pb2.PushKVResponse(num_blocks=header.num_blocks)
+
+    def _checked_blocks(self, header, parts: list[bytes]) -> tuple[KVLayout, torch.Tensor]:
+        if header.dtype not in KV_DTYPES:
+            raise InvalidRequest(f"unknown KV dtype {header.dtype!r}")
+        layout = KVLayout(header.model, header.dtype, header.block_size, header.num_layers,
+                          header.num_kv_heads, header.head_dim)
+        self.engine.engine.kv_layout.check_matches(layout)  # immutable: safe off the engine thread
+        data = b"".join(parts)
+        if len(data) != header.num_blocks * layout.block_bytes:
+            raise InvalidRequest(f"the transfer holds {len(data)} bytes; its header declares "
+                                 f"{header.num_blocks} blocks of {layout.block_bytes}")
+        blocks = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return layout, blocks.view(KV_DTYPES[header.dtype]).view(header.num_blocks,
+                                                                 *layout.block_shape)
+
+    # ---- both roles ---------------------------------------------------------------------------
+
+    @grpc_errors
+    async def Generate(self, request, context):
+        rid, prompt = _request_id(request), list(request.prompt_token_ids)
+        params = sampling_from_proto(request.sampling)
+        num_sent = 0
+        async for output in self.engine.stream(rid, lambda e: e.add_request(rid, prompt, params)):
+            yield token_batch(output, num_sent)
+            num_sent = len(output.outputs[0].token_ids)
+        self.served += 1
+
+    @grpc_errors
+    async def Abort(self, request, context):
+        rid = _request_id(request)
+        arrived = self._transfers.get(rid)
+        if arrived is not None and not arrived.done():
+            arrived.set_exception(ConnectionAbortedError(f"{rid!r} was aborted"))
+        output = await self.engine.call(lambda e: e.abort_request(rid))
+        return common_pb2.AbortResponse(found=output is not None or arrived is not None)
+
+    @grpc_errors
+    async def GetStats(self, request, context):
+        def stats(e: LLMEngine) -> worker_pb2.WorkerStats:
+            return worker_pb2.WorkerStats(
+                worker_id=self.worker_id, role=self.config.role,
+                running=len(e.scheduler.running), waiting=len(e.scheduler.waiting),
+                kv_blocks_free=e.block_manager.num_free_blocks,
+                kv_blocks_total=e.block_manager.num_blocks, served=self.served,
+                prefix_hit_tokens=e.stats.num_prefix_hit_tokens)
+        return await self.engine.call(stats)
+
+
+def _request_id(request) -> str:
+    if not request.request_id:
+        raise InvalidRequest("request_id is empty")
+    return request.request_id
+
+
+async def serve(config: WorkerConfig) -> grpc.aio.Server:
+    """Loads the engine, starts its thread and the gRPC server; returns the started server
+    (its port as server.bound_port, its engine as server.async_engine)."""
+    engine = AsyncEngine(await asyncio.to_thread(LLMEngine, config.engine)).start()
+    limit = config.max_message_bytes
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", limit),
+                                      ("grpc.max_receive_message_length", limit),
+                                      ("grpc.so_reuseport", 0)])
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    worker_id = config.worker_id or f"{config.role}@{config.host}:{port}"
+    worker_pb2_grpc.add_WorkerServicer_to_server(
+        WorkerServicer(engine, config, worker_id), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", "pagewire.v1.Worker"):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await server.start()
+    server.bound_port = port
+    server.async_engine = engine
+    logger.info("%s serving on %s:%d", worker_id, config.host, port)
+    return server
+
+
+async def stop(server: grpc.aio.Server, grace_s: float = 5.0) -> None:
+    await server.stop(grace_s)
+    await server.async_engine.stop()
+
+
+def parse_args(argv: Sequence[str] | None) -> WorkerConfig:
+    defaults = WorkerConfig.from_env()
+    parser = argparse.ArgumentParser(description="pagewire worker service (gRPC)")
+    parser.add_argument("--role", default=defaults.role, choices=["prefill", "decode", "both"],
+                        help="env PAGEWIRE_WORKER_ROLE")
+    parser.add_argument("--model", default=defaults.engine.model, help="env PAGEWIRE_MODEL")
+    parser.add_argument("--host", default=defaults.host, help="env PAGEWIRE_WORKER_HOST")
+    parser.add_argument("--port", type=int, default=defaults.port,
+                        help="env PAGEWIRE_WORKER_PORT; 0 picks a free one")
+    parser.add_argument("--worker-id", default=defaults.worker_id, help="env PAGEWIRE_WORKER_ID")
+    parser.add_argument("--kv-cache-bytes", type=int,
+                        default=defaults.engine.kv_cache_memory_bytes,
+                        help="env PAGEWIRE_KV_CACHE_BYTES")
+    parser.add_argument("--max-model-len", type=int, default=defaults.engine.max_model_len,
+                        help="env PAGEWIRE_MAX_MODEL_LEN")
+    args = parser.parse_args(argv)
+    engine = dataclasses.replace(defaults.engine, model=args.model,
+                                 kv_cache_memory_bytes=args.kv_cache_bytes,
+                                 max_model_len=args.max_model_len)
+    return WorkerConfig(role=args.role, host=args.host, port=args.port,
+                        worker_id=args.worker_id, engine=engine)
+
+
+async def _serve_until_signalled(config: WorkerConfig) -> None:
+    server = await serve(config)
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopped.set)
+    await stopped.wait()
+    await stop(server)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(_serve_until_signalled(parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
