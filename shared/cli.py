@@ -56,13 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # role -> module whose main(argv) runs that service
-SERVICES = {"tokenizer": "pagewire.services.tokenizer.server"}
+SERVICES = {
+    "tokenizer": "pagewire.services.tokenizer.server",
+    "prefill": "pagewire.services.worker.server",
+    "decode": "pagewire.services.worker.server",
+    "worker": "pagewire.services.worker.server",  # role from --role / PAGEWIRE_WORKER_ROLE
+}
 
 
 def _serve(args: argparse.Namespace) -> int:
     import importlib
 
-    return importlib.import_module(SERVICES[args.role]).main(args.service_args)
+    argv = list(args.service_args)
+    if args.role in ("prefill", "decode"):
+        argv = ["--role", args.role, *argv]
+    return importlib.import_module(SERVICES[args.role]).main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

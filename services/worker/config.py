@@ -22,6 +22,13 @@ class WorkerConfig:
     """Name in the registry; defaults to role@host:port."""
     engine: EngineConfig = EngineConfig()
     """The engine this worker runs."""
+    redis_url: str | None = None
+    """Registry and prefix index; None: this worker is not announced (tests, direct use)."""
+    redis_namespace: str = "pagewire"
+    """Key prefix in Redis, shared by the router and every worker of one deployment."""
+    advertise_address: str | None = None
+    """host:port others reach this worker at; defaults to host:port (set it when binding
+    0.0.0.0 in a container)."""
     kv_chunk_bytes: int = 4 << 20
     """Largest KV message of a transfer (whole blocks; at least one block per message)."""
     max_message_bytes: int = 64 << 20
@@ -50,4 +57,6 @@ class WorkerConfig:
         return cls(role=environ.get("PAGEWIRE_WORKER_ROLE", "both"),
                    host=environ.get("PAGEWIRE_WORKER_HOST", "127.0.0.1"),
                    port=number("PAGEWIRE_WORKER_PORT", 50061),
-                   worker_id=environ.get("PAGEWIRE_WORKER_ID") or None, engine=engine)
+                   worker_id=environ.get("PAGEWIRE_WORKER_ID") or None, engine=engine,
+                   redis_url=environ.get("PAGEWIRE_REDIS_URL") or None,
+                   advertise_address=environ.get("PAGEWIRE_WORKER_ADVERTISE") or None)

@@ -24,6 +24,7 @@ from pagewire.engine.async_engine import AsyncEngine
 from pagewire.engine.kv_transfer import KV_DTYPES, KVLayout
 from pagewire.engine.llm_engine import LLMEngine
 from pagewire.services.grpc_errors import FailedPrecondition, InvalidRequest, NotFound, grpc_errors
+from pagewire.services.worker.announcer import Announcer
 from pagewire.services.worker.config import WorkerConfig
 from pagewire.services.worker.convert import sampling_from_proto, token_batch, token_logprobs
 from pagewire.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -242,8 +243,8 @@ async def serve(config: WorkerConfig) -> grpc.aio.Server:
                                       ("grpc.so_reuseport", 0)])
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     worker_id = config.worker_id or f"{config.role}@{config.host}:{port}"
-    worker_pb2_grpc.add_WorkerServicer_to_server(
-        WorkerServicer(engine, config, worker_id), server)
+    servicer = WorkerServicer(engine, config, worker_id)
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", "pagewire.v1.Worker"):
@@ -251,11 +252,21 @@ async def serve(config: WorkerConfig) -> grpc.aio.Server:
     await server.start()
     server.bound_port = port
     server.async_engine = engine
+    server.announcer = None
+    if config.redis_url:
+        address = config.advertise_address or f"{config.host}:{port}"
+        server.announcer = Announcer(engine, config.redis_url, worker_id, config.role, address,
+                                     served=lambda: servicer.served,
+                                     namespace=config.redis_namespace)
+        await server.announcer.announce_once()
+        server.announcer.start()
     logger.info("%s serving on %s:%d", worker_id, config.host, port)
     return server
 
 
 async def stop(server: grpc.aio.Server, grace_s: float = 5.0) -> None:
+    if server.announcer is not None:
+        await server.announcer.stop()
     await server.stop(grace_s)
     await server.async_engine.stop()
 
@@ -275,12 +286,18 @@ def parse_args(argv: Sequence[str] | None) -> WorkerConfig:
                         help="env PAGEWIRE_KV_CACHE_BYTES")
     parser.add_argument("--max-model-len", type=int, default=defaults.engine.max_model_len,
                         help="env PAGEWIRE_MAX_MODEL_LEN")
+    parser.add_argument("--redis-url", default=defaults.redis_url,
+                        help="registry and prefix index (env PAGEWIRE_REDIS_URL)")
+    parser.add_argument("--advertise", default=defaults.advertise_address,
+                        help="host:port others reach this worker at (env "
+                             "PAGEWIRE_WORKER_ADVERTISE)")
     args = parser.parse_args(argv)
     engine = dataclasses.replace(defaults.engine, model=args.model,
                                  kv_cache_memory_bytes=args.kv_cache_bytes,
                                  max_model_len=args.max_model_len)
     return WorkerConfig(role=args.role, host=args.host, port=args.port,
-                        worker_id=args.worker_id, engine=engine)
+                        worker_id=args.worker_id, engine=engine, redis_url=args.redis_url,
+                        advertise_address=args.advertise)
 
 
 async def _serve_until_signalled(config: WorkerConfig) -> None:

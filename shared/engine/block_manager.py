@@ -141,6 +141,10 @@ class BlockManager:
                     self._free_queue.move_to_end(block_id, last=False)
         block_table.clear()
 
+    def cached_hashes(self) -> list[int]:
+        """Every hash the prefix cache holds now (to republish a lost index)."""
+        return list(self._block_id_by_hash)
+
     def take_events(self) -> tuple[list[int], list[int]]:
         """(stored_hashes, removed_hashes) net since the last call, disjoint; clears them."""
         events = (list(self._stored_hashes), list(self._removed_hashes))

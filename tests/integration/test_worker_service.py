@@ -127,3 +127,35 @@ def test_transfer_timeout_and_bad_kv_free_the_reservation(llm):
     assert decode_failed == grpc.StatusCode.INVALID_ARGUMENT
     assert unknown == grpc.StatusCode.NOT_FOUND
     assert free_blocks(stats) and stats.running == 0 and stats.waiting == 0
+
+
+def test_worker_announces_itself_and_its_prefix_cache(llm, redis_client, namespace):
+    from pagewire.cluster.prefix_index import PrefixIndex
+    from pagewire.cluster.registry import WorkerRegistry
+    from pagewire.engine.prefix_hash import hash_full_blocks
+
+    prompt_ids = llm.get_tokenizer().encode(PROMPT * 3)
+
+    async def main():
+        config = WorkerConfig(role="both", port=0, engine=ENGINE, worker_id="w-test",
+                              redis_url="redis://127.0.0.1:6379/0", redis_namespace=namespace)
+        server = await serve(config)
+        try:
+            workers = WorkerRegistry(redis_client, namespace).workers(role="decode")
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.bound_port}") as channel:
+                stub = worker_pb2_grpc.WorkerStub(channel)
+                async for _ in stub.Generate(worker_pb2.GenerateRequest(
+                        request_id="a", prompt_token_ids=prompt_ids, sampling=GREEDY)):
+                    pass
+            await server.announcer.announce_once()
+            index = PrefixIndex(redis_client, "SmolLM2-135M-Instruct", namespace)
+            held = index.longest_prefix(hash_full_blocks(prompt_ids, 16), ["w-test"])
+            return workers, held, server.bound_port
+        finally:
+            await stop(server, 0)
+
+    workers, held, port = asyncio.run(main())
+    assert [(w.worker_id, w.address, w.role) for w in workers] == [
+        ("w-test", f"127.0.0.1:{port}", "both")]
+    assert held["w-test"] == len(prompt_ids) // 16
+    assert WorkerRegistry(redis_client, namespace).workers() == []  # deregistered on stop

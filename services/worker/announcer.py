@@ -1,0 +1,85 @@
+"""A worker's presence in Redis: registry heartbeats with its load, and its prefix-cache
+events for the router's index. Redis being away never stops the worker: each round that
+fails is logged once per outage and retried on the next tick; the full republish that
+follows an outage restores the index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import redis
+
+from pagewire.cluster.prefix_index import PrefixIndex
+from pagewire.cluster.registry import WorkerInfo, WorkerRegistry
+from pagewire.engine.async_engine import AsyncEngine
+
+logger = logging.getLogger(__name__)
+
+
+class Announcer:
+    def __init__(self, engine: AsyncEngine, redis_url: str, worker_id: str, role: str,
+                 address: str, served, namespace: str = "pagewire", interval_s: float = 1.0,
+                 ttl_s: float = 5.0):
+        self.engine = engine
+        self.worker_id, self.role, self.address = worker_id, role, address
+        self.served = served  # callable: requests completed so far
+        self.interval_s = interval_s
+        client = redis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
+        self.registry = WorkerRegistry(client, namespace, ttl_s=ttl_s)
+        self.index = PrefixIndex(client, engine.engine.source.name, namespace,
+                                 ttl_s=max(60.0, ttl_s))
+        self._task: asyncio.Task | None = None
+        self._redis_ok = True
+        self._rounds = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        try:
+            await asyncio.to_thread(self.registry.deregister, self.worker_id)
+        except redis.RedisError:
+            pass
+
+    async def _loop(self) -> None:
+        while True:
+            await self.announce_once()
+            await asyncio.sleep(self.interval_s)
+
+    async def announce_once(self) -> None:
+        snapshot = await self.engine.call(self._snapshot)
+        info, stored, removed, held = snapshot
+        # Republish everything now and then (entries expire) and right after an outage.
+        full = not self._redis_ok or self._rounds % 20 == 0
+        try:
+            await asyncio.to_thread(self._write, info, stored, removed, held if full else None)
+        except redis.RedisError as exc:
+            if self._redis_ok:
+                logger.warning("Redis unreachable, serving on without the index: %s", exc)
+            self._redis_ok = False
+        else:
+            if not self._redis_ok:
+                logger.info("Redis is back: registry and prefix index republished")
+            self._redis_ok = True
+        self._rounds += 1
+
+    def _snapshot(self, engine):
+        stored, removed = engine.block_manager.take_events()
+        bm = engine.block_manager
+        info = WorkerInfo(worker_id=self.worker_id, role=self.role, address=self.address,
+                          model=engine.source.name, running=len(engine.scheduler.running),
+                          waiting=len(engine.scheduler.waiting),
+                          kv_blocks_free=bm.num_free_blocks, kv_blocks_total=bm.num_blocks,
+                          served=self.served(), block_size=bm.block_size)
+        return info, stored, removed, bm.cached_hashes()
+
+    def _write(self, info, stored, removed, held) -> None:
+        self.registry.heartbeat(info)
+        if held is not None:
+            self.index.republish_all(self.worker_id, held)
+        elif stored or removed:
+            self.index.publish(self.worker_id, stored, removed)
