@@ -29,6 +29,10 @@ class NotFound(LookupError):
     """The request names something this server does not hold: NOT_FOUND."""
 
 
+class Unavailable(ConnectionError):
+    """No worker can serve this now (none live, or the one serving it was lost): UNAVAILABLE."""
+
+
 def _engine_errors() -> tuple[tuple[type[Exception], grpc.StatusCode], ...]:
     # Imported lazily: the tokenizer service never loads the engine (or torch).
     from pagewire.engine.async_engine import EngineDeadError
@@ -48,6 +52,7 @@ _STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (NotFound, grpc.StatusCode.NOT_FOUND),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
 

@@ -1,6 +1,6 @@
 """The `pagewire` command: `pagewire generate` (one-shot generation, offline engine) and
-`pagewire serve ROLE` (one service alone; today the tokenizer, the other roles arrive with the
-serving pipeline, as does `pagewire up`)."""
+`pagewire serve ROLE` (one service alone: tokenizer, router, prefill, decode; the gateway and
+`pagewire up` arrive with the rest of the serving pipeline)."""
 
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ SERVICES = {
     "prefill": "pagewire.services.worker.server",
     "decode": "pagewire.services.worker.server",
     "worker": "pagewire.services.worker.server",  # role from --role / PAGEWIRE_WORKER_ROLE
+    "router": "pagewire.services.router.server",
 }
 
 

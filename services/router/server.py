@@ -1,0 +1,272 @@
+"""The router: finds workers in the Redis registry, weighs each prefill worker's cached prefix
+(Redis prefix index) against its load, picks the decode worker with the most room, and drives
+the request (protos/pagewire/v1/router.proto). Redis away means load-only routing on the last
+known workers, never a stop. Policy lives in pagewire.cluster.routing; this file only moves
+requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import redis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from pagewire.cluster.prefix_index import PrefixIndex
+from pagewire.cluster.registry import WorkerInfo, WorkerRegistry
+from pagewire.cluster.routing import RoutingWeights, pick_decode_worker, pick_prefill_worker
+from pagewire.engine.prefix_hash import hash_full_blocks
+from pagewire.services.grpc_errors import InvalidRequest, Unavailable, grpc_errors
+from pagewire.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+logger = logging.getLogger(__name__)
+PREFILL_ATTEMPTS = 2
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 50071
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_namespace: str = "pagewire"
+    default_timeout_ms: int = 300_000
+    """End-to-end deadline of a request that names none."""
+    transfer_timeout_ms: int = 30_000
+    """How long a decode worker holds a reservation for KV that has not come."""
+    weights: RoutingWeights = RoutingWeights()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535]; got {self.port}")
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> RouterConfig:
+        return cls(host=environ.get("PAGEWIRE_ROUTER_HOST", "127.0.0.1"),
+                   port=int(environ.get("PAGEWIRE_ROUTER_PORT", "50071")),
+                   redis_url=environ.get("PAGEWIRE_REDIS_URL", "redis://127.0.0.1:6379/0"),
+                   redis_namespace=environ.get("PAGEWIRE_REDIS_NAMESPACE", "pagewire"))
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    def __init__(self, config: RouterConfig):
+        self.config = config
+        client = redis.Redis.from_url(config.redis_url, socket_timeout=1,
+                                      socket_connect_timeout=1)
+        self.client = client
+        self.registry = WorkerRegistry(client, config.redis_namespace)
+        self._indexes: dict[str, PrefixIndex] = {}
+        self._known_workers: list[WorkerInfo] = []
+        self._redis_ok = True
+        self._inflight: Counter[str] = Counter()  # our own requests per worker (heartbeats lag)
+        self._where: dict[str, list[worker_pb2_grpc.WorkerStub]] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    # ---- finding and choosing workers --------------------------------------------------------
+
+    async def _live_workers(self) -> list[WorkerInfo]:
+        try:
+            workers = await asyncio.to_thread(self.registry.workers)
+        except redis.RedisError as exc:
+            if self._redis_ok:
+                logger.warning("Redis unreachable; routing by load on known workers: %s", exc)
+            self._redis_ok = False
+            return self._known_workers
+        self._redis_ok = True
+        self._known_workers = workers
+        return workers
+
+    async def _cached_blocks(self, model: str, hashes: list[int],
+                             candidates: list[WorkerInfo]) -> dict[str, int]:
+        if not self._redis_ok or not hashes:
+            return {}
+        index = self._indexes.setdefault(
+            model, PrefixIndex(self.client, model, self.config.redis_namespace))
+        try:
+            return await asyncio.to_thread(index.longest_prefix, hashes,
+                                           [w.worker_id for w in candidates])
+        except redis.RedisError:
+            return {}
+
+    def _with_inflight(self, workers: list[WorkerInfo]) -> list[WorkerInfo]:
+        return [dataclasses.replace(w, running=w.running + self._inflight[w.worker_id])
+                for w in workers]
+
+    def _stub(self, worker: WorkerInfo) -> worker_pb2_grpc.WorkerStub:
+        if worker.address not in self._channels:
+            self._channels[worker.address] = grpc.aio.insecure_channel(worker.address)
+        return worker_pb2_grpc.WorkerStub(self._channels[worker.address])
+
+    # ---- the request --------------------------------------------------------------------------
+
+    @grpc_errors
+    async def Generate(self, request, context):
+        if not request.request_id or not request.prompt_token_ids:
+            raise InvalidRequest("request_id and prompt_token_ids are required")
+        rid, prompt = request.request_id, list(request.prompt_token_ids)
+        workers = self._with_inflight(await self._live_workers())
+        prefills = [w for w in workers if w.serves("prefill")]
+        decodes = [w for w in workers if w.serves("decode")]
+        if not prefills or not decodes:
+            raise Unavailable("no live prefill and decode workers are registered")
+        block_size = decodes[0].block_size
+        hashes = hash_full_blocks(prompt, block_size)
+        cached = await self._cached_blocks(prefills[0].model, hashes, prefills)
+        decode = pick_decode_worker(decodes, -(-len(prompt) // block_size), self.config.weights)
+        prefill = pick_prefill_worker(prefills, cached, len(hashes), self.config.weights)
+        timeout = (request.timeout_ms or self.config.default_timeout_ms) / 1000
+        chosen = [decode] if decode.worker_id == prefill.worker_id else [prefill, decode]
+        self._inflight.update(w.worker_id for w in chosen)
+        try:
+            async with asyncio.timeout(timeout):
+                if len(chosen) == 1:  # one worker doing both: no transfer at all
+                    async for batch in self._colocated(rid, prompt, request.sampling, decode):
+                        yield batch
+                else:
+                    async for batch in self._disaggregated(rid, prompt, request.sampling,
+                                                           prefill, decode, prefills):
+                        yield batch
+        finally:
+            self._inflight.subtract(w.worker_id for w in chosen)
+            self._where.pop(rid, None)
+
+    async def _colocated(self, rid, prompt, sampling, worker):
+        stub = self._stub(worker)
+        self._where[rid] = [stub]
+        stream = stub.Generate(worker_pb2.GenerateRequest(
+            request_id=rid, prompt_token_ids=prompt, sampling=sampling))
+        async for batch in _relay(stream, worker, lambda m: m):
+            yield batch
+
+    async def _disaggregated(self, rid, prompt, sampling, prefill, decode, prefills):
+        decode_stub = self._stub(decode)
+        stream = decode_stub.Decode(worker_pb2.DecodeRequest(
+            request_id=rid, prompt_token_ids=prompt, sampling=sampling,
+            transfer_timeout_ms=self.config.transfer_timeout_ms))
+        self._where[rid] = [decode_stub]
+        try:
+            first = await stream.read()
+            if first == grpc.aio.EOF or not first.HasField("reserved"):
+                raise Unavailable(f"decode worker {decode.worker_id} did not reserve")
+            await self._prefill_with_retry(rid, prompt, sampling, prefill, prefills, decode,
+                                           first.reserved.skip_blocks)
+            async for batch in _relay(stream, decode, lambda m: m.tokens):
+                yield batch
+        except grpc.aio.AioRpcError as exc:
+            raise _lost(decode, exc) from None
+        finally:
+            stream.cancel()  # no-op once finished; a cancelled client aborts the decode side
+
+    async def _prefill_with_retry(self, rid, prompt, sampling, prefill, prefills, decode, skip):
+        tried: set[str] = set()
+        while True:
+            tried.add(prefill.worker_id)
+            try:
+                await self._stub(prefill).Prefill(worker_pb2.PrefillRequest(
+                    request_id=rid, prompt_token_ids=prompt, sampling=sampling,
+                    decode_worker_address=decode.address, skip_blocks=skip,
+                    timeout_ms=self.config.transfer_timeout_ms))
+                return
+            except grpc.aio.AioRpcError as exc:
+                others = [w for w in prefills if w.worker_id not in tried]
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or not others or \
+                        len(tried) >= PREFILL_ATTEMPTS:
+                    raise _lost(prefill, exc) from None
+                logger.warning("prefill worker %s failed (%s); retrying", prefill.worker_id,
+                               exc.code())
+                prefill = pick_prefill_worker(others, {}, 0, self.config.weights)
+
+    @grpc_errors
+    async def Abort(self, request, context):
+        stubs = self._where.get(request.request_id, [])
+        for stub in stubs:
+            try:
+                await stub.Abort(common_pb2.AbortRequest(request_id=request.request_id),
+                                 timeout=2)
+            except grpc.aio.AioRpcError:
+                pass  # a lost worker has nothing left to free
+        return common_pb2.AbortResponse(found=bool(stubs))
+
+    @grpc_errors
+    async def GetCluster(self, request, context):
+        workers = await self._live_workers()
+        return router_pb2.ClusterInfo(prefix_index_available=self._redis_ok, workers=[
+            router_pb2.WorkerStatus(id=w.worker_id, role=w.role, address=w.address,
+                                    running=w.running, waiting=w.waiting,
+                                    kv_blocks_free=w.kv_blocks_free,
+                                    kv_blocks_total=w.kv_blocks_total, served=w.served)
+            for w in workers])
+
+
+async def _relay(stream, worker: WorkerInfo, unwrap):
+    try:
+        while (message := await stream.read()) != grpc.aio.EOF:
+            yield unwrap(message)
+    except grpc.aio.AioRpcError as exc:
+        raise _lost(worker, exc) from None
+
+
+def _lost(worker: WorkerInfo, exc: grpc.aio.AioRpcError) -> Exception:
+    """A worker's error, passed on with its own status when it is the request's fault."""
+    if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return InvalidRequest(exc.details()) if exc.code() == grpc.StatusCode.INVALID_ARGUMENT \
+            else TimeoutError(exc.details())
+    return Unavailable(f"worker {worker.worker_id} at {worker.address} failed: "
+                       f"{exc.code().name}: {exc.details()}")
+
+
+async def serve(config: RouterConfig) -> grpc.aio.Server:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(config), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", "pagewire.v1.Router"):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await server.start()
+    server.bound_port = port
+    logger.info("router serving on %s:%d", config.host, port)
+    return server
+
+
+def parse_args(argv: Sequence[str] | None) -> RouterConfig:
+    defaults = RouterConfig.from_env()
+    parser = argparse.ArgumentParser(description="pagewire router service (gRPC)")
+    parser.add_argument("--host", default=defaults.host, help="env PAGEWIRE_ROUTER_HOST")
+    parser.add_argument("--port", type=int, default=defaults.port,
+                        help="env PAGEWIRE_ROUTER_PORT")
+    parser.add_argument("--redis-url", default=defaults.redis_url, help="env PAGEWIRE_REDIS_URL")
+    parser.add_argument("--redis-namespace", default=defaults.redis_namespace,
+                        help="env PAGEWIRE_REDIS_NAMESPACE")
+    args = parser.parse_args(argv)
+    return dataclasses.replace(defaults, host=args.host, port=args.port,
+                               redis_url=args.redis_url, redis_namespace=args.redis_namespace)
+
+
+async def _serve_until_signalled(config: RouterConfig) -> None:
+    server = await serve(config)
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopped.set)
+    await stopped.wait()
+    await server.stop(5)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(_serve_until_signalled(parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
