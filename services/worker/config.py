@@ -59,4 +59,5 @@ class WorkerConfig:
                    port=number("PAGEWIRE_WORKER_PORT", 50061),
                    worker_id=environ.get("PAGEWIRE_WORKER_ID") or None, engine=engine,
                    redis_url=environ.get("PAGEWIRE_REDIS_URL") or None,
+                   redis_namespace=environ.get("PAGEWIRE_REDIS_NAMESPACE", "pagewire"),
                    advertise_address=environ.get("PAGEWIRE_WORKER_ADVERTISE") or None)

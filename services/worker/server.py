@@ -288,6 +288,8 @@ def parse_args(argv: Sequence[str] | None) -> WorkerConfig:
                         help="env PAGEWIRE_MAX_MODEL_LEN")
     parser.add_argument("--redis-url", default=defaults.redis_url,
                         help="registry and prefix index (env PAGEWIRE_REDIS_URL)")
+    parser.add_argument("--redis-namespace", default=defaults.redis_namespace,
+                        help="key prefix shared with the router (env PAGEWIRE_REDIS_NAMESPACE)")
     parser.add_argument("--advertise", default=defaults.advertise_address,
                         help="host:port others reach this worker at (env "
                              "PAGEWIRE_WORKER_ADVERTISE)")
@@ -297,7 +299,7 @@ def parse_args(argv: Sequence[str] | None) -> WorkerConfig:
                                  max_model_len=args.max_model_len)
     return WorkerConfig(role=args.role, host=args.host, port=args.port,
                         worker_id=args.worker_id, engine=engine, redis_url=args.redis_url,
-                        advertise_address=args.advertise)
+                        redis_namespace=args.redis_namespace, advertise_address=args.advertise)
 
 
 async def _serve_until_signalled(config: WorkerConfig) -> None:
