@@ -1,0 +1,172 @@
+"""The gateway's FastAPI app: OpenAI-compatible routes over the tokenizer and router services.
+
+Handlers only validate, tokenize, fan out one router call per choice and shape the answer; they
+never compute on tokens themselves.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import grpc
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from . import responses
+from .backend import Backend
+from .config import GatewayConfig
+from .errors import APIError, error_body, from_grpc, install_error_handlers
+from .generation import ChoiceEvent, UsageCounter, merge_choices, run_choice
+from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from .requests import choice_specs, max_tokens_of, new_request_id, reject_unsupported
+
+
+def create_app(config: GatewayConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        backend = Backend(config.tokenizer_address, config.router_address)
+        try:
+            app.state.backend = backend
+            app.state.model_info = await backend.model_info()
+            yield
+        finally:
+            await backend.close()
+
+    app = FastAPI(title="pagewire", lifespan=lifespan)
+    install_error_handlers(app)
+    auth = Depends(_api_key_checker(config.api_key))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models", dependencies=[auth])
+    async def models(request: Request) -> dict:
+        info = request.app.state.model_info
+        return {"object": "list", "data": [{"id": info.model, "object": "model", "created": 0,
+                                            "owned_by": "pagewire",
+                                            "max_model_len": info.max_model_len}]}
+
+    @app.post("/v1/completions", dependencies=[auth])
+    async def completions(body: CompletionRequest, request: Request):
+        backend = request.app.state.backend
+        _check_model(request, body.model)
+        if isinstance(body.prompt, str):
+            prompt_ids = await backend.tokenize_text(body.prompt)
+        else:
+            prompt_ids = _checked_token_ids(request, body.prompt)
+        return await _serve(request, body, prompt_ids, config, chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=[auth])
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        backend = request.app.state.backend
+        _check_model(request, body.model)
+        if not request.app.state.model_info.has_chat_template:
+            raise APIError(400, "this model has no chat template", param="messages")
+        prompt_ids = await backend.tokenize_chat([(m.role, m.content) for m in body.messages])
+        return await _serve(request, body, prompt_ids, config, chat=True)
+
+    return app
+
+
+def _api_key_checker(api_key: str | None):
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(),
+                                                                 api_key.encode()):
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return check
+
+
+def _check_model(request: Request, model: str) -> None:
+    served = request.app.state.model_info.model
+    if model != served:
+        raise APIError(404, f"The model `{model}` does not exist (this server serves "
+                       f"`{served}`).", param="model", code="model_not_found")
+
+
+def _checked_token_ids(request: Request, token_ids: list[int]) -> list[int]:
+    vocab_size = request.app.state.model_info.vocab_size
+    if any(token_id >= vocab_size for token_id in token_ids):
+        raise APIError(400, f"prompt token ids must be below the vocabulary size {vocab_size}",
+                       param="prompt")
+    return token_ids
+
+
+async def _serve(request: Request, body: SamplingFields, prompt_ids: list[int],
+                 config: GatewayConfig, chat: bool):
+    reject_unsupported(body)
+    info = request.app.state.model_info
+    max_tokens = max_tokens_of(body, len(prompt_ids), info.max_model_len)
+    request_id = new_request_id("chatcmpl" if chat else "cmpl")
+    usage = UsageCounter()
+    backend = request.app.state.backend
+    events = merge_choices([
+        run_choice(backend, index, spec, prompt_ids, config.request_timeout_s, usage)
+        for index, spec in enumerate(choice_specs(body, request_id, max_tokens))])
+    if body.stream:
+        return await _stream(events, request_id, info.model, body, usage, chat)
+    return JSONResponse(await _collect(events, request_id, info.model, body.n, usage, chat))
+
+
+async def _collect(events: AsyncIterator[ChoiceEvent], request_id: str, model: str, n: int,
+                   usage: UsageCounter, chat: bool) -> dict:
+    texts = [""] * n
+    finish_reasons: list[str | None] = [None] * n
+    try:
+        async for event in events:
+            texts[event.index] += event.text
+            finish_reasons[event.index] = event.finish_reason or finish_reasons[event.index]
+    finally:
+        await events.aclose()
+    build = responses.chat_completion if chat else responses.completion
+    return build(request_id, model, texts, finish_reasons, usage.as_dict())
+
+
+async def _stream(events: AsyncIterator[ChoiceEvent], request_id: str, model: str,
+                  body: SamplingFields, usage: UsageCounter, chat: bool) -> StreamingResponse:
+    created = int(time.time())
+    try:  # the first event before the headers, so an early failure is a proper HTTP error
+        first = await events.__anext__()
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        await events.aclose()
+        raise
+
+    def chunk(event: ChoiceEvent, delta: dict | None = None) -> str:
+        if chat:
+            payload = responses.chat_chunk(request_id, model, created, event.index,
+                                           delta if delta is not None else
+                                           {"content": event.text}, event.finish_reason)
+        else:
+            payload = responses.completion_chunk(request_id, model, created, event.index,
+                                                 event.text, event.finish_reason)
+        return responses.sse(payload)
+
+    async def body_chunks() -> AsyncIterator[str]:
+        try:
+            if chat:  # the role first, once per choice
+                for index in range(body.n):
+                    yield chunk(ChoiceEvent(index, ""), {"role": "assistant", "content": ""})
+            if first is not None:
+                yield chunk(first)
+            async for event in events:
+                yield chunk(event)
+            if body.include_usage:
+                yield responses.sse(responses.usage_chunk(request_id, model, created, chat,
+                                                          usage.as_dict()))
+        except grpc.aio.AioRpcError as exc:  # headers are sent: report in the stream
+            error = from_grpc(exc)
+            yield responses.sse(error_body(error.message, error.type, code=error.code))
+        finally:
+            await events.aclose()  # client gone or done: cancels router calls still running
+        yield responses.SSE_DONE
+
+    return StreamingResponse(body_chunks(), media_type="text/event-stream")

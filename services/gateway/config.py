@@ -1,0 +1,42 @@
+"""The gateway's configuration: one frozen dataclass, from flags or environment, validated once."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    """Interface the HTTP server binds."""
+    port: int = 8000
+    """HTTP port; 0 picks a free one."""
+    tokenizer_address: str = "127.0.0.1:50051"
+    """host:port of the tokenizer service."""
+    router_address: str = "127.0.0.1:50071"
+    """host:port of the router service."""
+    api_key: str | None = None
+    """When set, every /v1 request must carry `Authorization: Bearer <api_key>`."""
+    request_timeout_s: float = 600.0
+    """End-to-end deadline of one generation, handed to the router as timeout_ms."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if self.api_key == "":
+            raise ValueError("api_key must be non-empty when set")
+
+    @classmethod
+    def from_env(cls) -> GatewayConfig:
+        env = os.environ
+        defaults = cls()
+        return cls(
+            host=env.get("PAGEWIRE_GATEWAY_HOST", defaults.host),
+            port=int(env.get("PAGEWIRE_GATEWAY_PORT", defaults.port)),
+            tokenizer_address=env.get("PAGEWIRE_TOKENIZER_ADDRESS", defaults.tokenizer_address),
+            router_address=env.get("PAGEWIRE_ROUTER_ADDRESS", defaults.router_address),
+            api_key=env.get("PAGEWIRE_API_KEY") or None,
+        )

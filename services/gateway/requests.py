@@ -1,0 +1,67 @@
+"""From a validated OpenAI request to what the router needs: sampling options and choice specs.
+
+Checks the context limit; raises APIError (400) for what the model cannot serve.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from pagewire.v1 import common_pb2
+
+from .errors import bad_request
+from .generation import ChoiceSpec
+from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def max_tokens_of(request: SamplingFields, prompt_len: int, max_model_len: int) -> int:
+    room = max_model_len - prompt_len
+    if room <= 0:
+        raise bad_request(f"This model's maximum context length is {max_model_len} tokens; the "
+                          f"prompt has {prompt_len} tokens.", param="messages"
+                          if isinstance(request, ChatCompletionRequest) else "prompt")
+    asked = request.max_tokens
+    if isinstance(request, ChatCompletionRequest):
+        asked = request.max_completion_tokens or asked
+    elif asked is None:
+        asked = min(DEFAULT_COMPLETION_MAX_TOKENS, room)
+    if asked is None:
+        return room
+    if asked > room:
+        raise bad_request(f"This model's maximum context length is {max_model_len} tokens; "
+                          f"{prompt_len} prompt tokens + {asked} max_tokens exceed it.",
+                          param="max_tokens")
+    return asked
+
+
+def reject_unsupported(request: SamplingFields) -> None:
+    if isinstance(request, CompletionRequest) and request.logprobs is not None:
+        raise bad_request("logprobs are not supported yet", param="logprobs")
+    if isinstance(request, ChatCompletionRequest) and (request.logprobs or request.top_logprobs):
+        raise bad_request("logprobs are not supported yet", param="logprobs")
+
+
+def choice_specs(request: SamplingFields, request_id: str, max_tokens: int) -> list[ChoiceSpec]:
+    specs = []
+    for index in range(request.n):
+        sampling = common_pb2.SamplingOptions(
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=request.top_p or 1.0,
+            top_k=max(request.top_k or 0, 0),
+            min_p=request.min_p or 0.0,
+            repetition_penalty=request.repetition_penalty or 1.0,
+            presence_penalty=request.presence_penalty or 0.0,
+            frequency_penalty=request.frequency_penalty or 0.0,
+            max_tokens=max_tokens,
+            ignore_eos=request.ignore_eos,
+        )
+        if request.seed is not None:
+            sampling.seed = request.seed + index
+        specs.append(ChoiceSpec(f"{request_id}-{index}", sampling, tuple(request.stop_strings)))
+    return specs

@@ -1,0 +1,49 @@
+"""OpenAI response bodies and SSE chunks, as plain dicts."""
+
+from __future__ import annotations
+
+import json
+import time
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def completion(request_id: str, model: str, texts: list[str], finish_reasons: list[str | None],
+               usage: dict) -> dict:
+    return {"id": request_id, "object": "text_completion", "created": int(time.time()),
+            "model": model, "usage": usage,
+            "choices": [{"index": i, "text": text, "finish_reason": finish_reasons[i],
+                         "logprobs": None} for i, text in enumerate(texts)]}
+
+
+def chat_completion(request_id: str, model: str, texts: list[str],
+                    finish_reasons: list[str | None], usage: dict) -> dict:
+    return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
+            "model": model, "usage": usage,
+            "choices": [{"index": i, "finish_reason": finish_reasons[i], "logprobs": None,
+                         "message": {"role": "assistant", "content": text}}
+                        for i, text in enumerate(texts)]}
+
+
+def completion_chunk(request_id: str, model: str, created: int, index: int, text: str,
+                     finish_reason: str | None) -> dict:
+    return {"id": request_id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": index, "text": text, "finish_reason": finish_reason,
+                         "logprobs": None}]}
+
+
+def chat_chunk(request_id: str, model: str, created: int, index: int, delta: dict,
+               finish_reason: str | None) -> dict:
+    return {"id": request_id, "object": "chat.completion.chunk", "created": created,
+            "model": model, "choices": [{"index": index, "delta": delta,
+                                         "finish_reason": finish_reason, "logprobs": None}]}
+
+
+def usage_chunk(request_id: str, model: str, created: int, chat: bool, usage: dict) -> dict:
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    return {"id": request_id, "object": kind, "created": created, "model": model,
+            "choices": [], "usage": usage}

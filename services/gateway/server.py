@@ -1,0 +1,33 @@
+"""Runs the gateway: `python -m pagewire.services.gateway.server [flags]`, defaults from env."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import uvicorn
+
+from .app import create_app
+from .config import GatewayConfig
+
+
+def parse_config(argv: list[str] | None = None) -> GatewayConfig:
+    defaults = GatewayConfig.from_env()
+    parser = argparse.ArgumentParser(description="pagewire OpenAI-compatible HTTP gateway")
+    parser.add_argument("--host", default=defaults.host)
+    parser.add_argument("--port", type=int, default=defaults.port)
+    parser.add_argument("--tokenizer-address", default=defaults.tokenizer_address)
+    parser.add_argument("--router-address", default=defaults.router_address)
+    parser.add_argument("--api-key", default=defaults.api_key)
+    parser.add_argument("--request-timeout-s", type=float, default=defaults.request_timeout_s)
+    args = parser.parse_args(argv)
+    return dataclasses.replace(defaults, **vars(args))
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(argv)
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()
