@@ -1,6 +1,6 @@
 """The `pagewire` command: `pagewire generate` (one-shot generation, offline engine) and
-`pagewire serve ROLE` (one service alone: tokenizer, router, prefill, decode; the gateway and
-`pagewire up` arrive with the rest of the serving pipeline)."""
+`pagewire serve ROLE` (one service alone: what compose runs) and `pagewire up` (the whole
+pipeline on this machine)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=_generate)
+    # `up` and `serve` hand their own flags to the launcher / the service (see main()).
+    commands.add_parser("up", help="run the whole pipeline locally (see pagewire up -h)")
     serve = commands.add_parser("serve", help="run one service (flags also read env vars)")
     serve.add_argument("role", choices=sorted(SERVICES), help="which service")
     serve.add_argument("service_args", nargs=argparse.REMAINDER,
@@ -62,6 +64,7 @@ SERVICES = {
     "decode": "pagewire.services.worker.server",
     "worker": "pagewire.services.worker.server",  # role from --role / PAGEWIRE_WORKER_ROLE
     "router": "pagewire.services.router.server",
+    "gateway": "pagewire.services.gateway.server",
 }
 
 
@@ -75,6 +78,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["up"]:
+        from pagewire.launcher import main as up
+
+        return up(argv[1:])
+    if argv[:1] == ["serve"] and len(argv) > 1 and argv[1] in SERVICES:
+        return _serve(argparse.Namespace(role=argv[1], service_args=argv[2:]))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,193 @@
+"""`pagewire up`: the whole pipeline on one machine, one process per service, each started with
+the same `pagewire serve ROLE` command compose uses. Prints the URL once every service is
+healthy; Ctrl-C (or SIGTERM) stops every process it started, the private Redis included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+READY_TIMEOUT_S = 300.0
+
+
+@dataclass
+class Stack:
+    processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str]) -> None:
+        process = subprocess.Popen(argv, start_new_session=True)
+        self.processes.append((name, process))
+
+    def check_alive(self) -> None:
+        for name, process in self.processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {process.returncode}")
+
+    def stop(self) -> None:
+        for _, process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+        deadline = time.monotonic() + 10
+        for _, process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=1,
+                                          socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def grpc_healthy(address: str) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=1)
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+def http_healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagewire up", description=__doc__)
+    parser.add_argument("--model", default=os.environ.get("PAGEWIRE_MODEL"),
+                        help="model directory or .gguf (default: embedded SmolLM2-135M)")
+    parser.add_argument("--host", default="127.0.0.1", help="the gateway's interface")
+    parser.add_argument("--port", type=int, default=8000, help="the gateway's port")
+    parser.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    parser.add_argument("--decode", type=int, default=1, help="decode workers")
+    parser.add_argument("--colocated", type=int, default=0,
+                        help="workers that do both (with --prefill 0 --decode 0: plain vLLM)")
+    parser.add_argument("--redis-url", default=os.environ.get("PAGEWIRE_REDIS_URL",
+                                                              "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--api-key", default=os.environ.get("PAGEWIRE_API_KEY"))
+    parser.add_argument("--kv-cache-bytes", type=int, default=None,
+                        help="KV cache budget per worker")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.prefill + args.colocated < 1 or args.decode + args.colocated < 1:
+        print("pagewire up: need at least one prefill and one decode worker (or --colocated)",
+              file=sys.stderr)
+        return 2
+    stack = Stack()
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        redis_url = _redis(args, stack)
+        if redis_url is None:
+            return 1
+        _start_services(args, stack, redis_url)
+        print(f"pagewire: serving on http://{args.host}:{args.port}/v1 "
+              f"(model: {args.model or 'SmolLM2-135M-Instruct'}); Ctrl-C stops it", flush=True)
+        while True:
+            stack.check_alive()
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("pagewire: stopping", flush=True)
+        return 0
+    except RuntimeError as exc:
+        print(f"pagewire up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stack.stop()
+
+
+def _redis(args, stack: Stack) -> str | None:
+    if redis_answers(args.redis_url):
+        return args.redis_url
+    server = shutil.which("redis-server")
+    if server is None:
+        print(f"pagewire up: no Redis answers at {args.redis_url} and no redis-server is "
+              "installed. Start one (Debian/Ubuntu: apt-get install redis-server; macOS: brew "
+              "install redis) or pass --redis-url.", file=sys.stderr)
+        return None
+    port = free_port()
+    stack.start("redis", [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no"])
+    url = f"redis://127.0.0.1:{port}/0"
+    _wait(stack, "redis", lambda: redis_answers(url))
+    print(f"pagewire: started a private redis-server on port {port}", flush=True)
+    return url
+
+
+def _start_services(args, stack: Stack, redis_url: str) -> None:
+    serve = [sys.executable, "-m", "pagewire.cli", "serve"]
+    namespace = f"pagewire-up-{os.getpid()}"  # a shared Redis never mixes two stacks' workers
+    model = ["--model", args.model] if args.model else []
+    tokenizer_port, router_port = free_port(), free_port()
+    stack.start("tokenizer", serve + ["tokenizer", "--port", str(tokenizer_port)] + model)
+    workers = []
+    for role, count in (("prefill", args.prefill), ("decode", args.decode),
+                        ("both", args.colocated)):
+        for _ in range(count):
+            port = free_port()
+            extra = ["--kv-cache-bytes", str(args.kv_cache_bytes)] if args.kv_cache_bytes else []
+            stack.start(f"{role} worker", serve + [
+                "worker", "--role", role, "--port", str(port), "--redis-url", redis_url,
+                "--redis-namespace", namespace] + model + extra)
+            workers.append(f"127.0.0.1:{port}")
+    stack.start("router", serve + ["router", "--port", str(router_port), "--redis-url",
+                                   redis_url, "--redis-namespace", namespace])
+    for name, address in [("tokenizer", f"127.0.0.1:{tokenizer_port}"),
+                          ("router", f"127.0.0.1:{router_port}")] + \
+            [("worker", a) for a in workers]:
+        _wait(stack, name, lambda a=address: grpc_healthy(a))
+    gateway = serve + ["gateway", "--host", args.host, "--port", str(args.port),
+                       "--tokenizer-address", f"127.0.0.1:{tokenizer_port}",
+                       "--router-address", f"127.0.0.1:{router_port}"]
+    if args.api_key:
+        gateway += ["--api-key", args.api_key]
+    stack.start("gateway", gateway)
+    _wait(stack, "gateway", lambda: http_healthy(f"http://127.0.0.1:{args.port}/health"))
+
+
+def _wait(stack: Stack, name: str, ready) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not ready():
+        stack.check_alive()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} was not ready within {READY_TIMEOUT_S:.0f} s")
+        time.sleep(0.3)
