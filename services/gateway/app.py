@@ -50,6 +50,16 @@ def create_app(config: GatewayConfig) -> FastAPI:
                                             "owned_by": "pagewire",
                                             "max_model_len": info.max_model_len}]}
 
+    @app.get("/cluster", dependencies=[auth])
+    async def cluster(request: Request) -> dict:
+        """Every live worker and its load, as the router sees it."""
+        info = await request.app.state.backend.cluster()
+        return {"prefix_index_available": info.prefix_index_available, "workers": [
+            {"id": w.id, "role": w.role, "address": w.address, "running": w.running,
+             "waiting": w.waiting, "kv_blocks_free": w.kv_blocks_free,
+             "kv_blocks_total": w.kv_blocks_total, "served": w.served}
+            for w in info.workers]}
+
     @app.post("/v1/completions", dependencies=[auth])
     async def completions(body: CompletionRequest, request: Request):
         backend = request.app.state.backend

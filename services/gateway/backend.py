@@ -54,6 +54,9 @@ class Backend:
         except grpc.aio.AioRpcError:  # best effort: cancelling the Generate call aborts too
             pass
 
+    async def cluster(self) -> router_pb2.ClusterInfo:
+        return await self.router.GetCluster(router_pb2.ClusterRequest(), timeout=5.0)
+
     def detokenizer(self, prompt_token_ids: list[int]) -> Detokenizer:
         return Detokenizer(self.tokenizer, prompt_token_ids)
 

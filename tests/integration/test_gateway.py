@@ -276,3 +276,12 @@ def test_client_disconnect_aborts_the_request(stack, client, model):
                 await asyncio.sleep(0.1)
             return running
     assert stack._run(running_after_close()) == 0
+
+
+def test_cluster_lists_live_workers(stack):
+    reply = httpx.get(f"http://127.0.0.1:{stack.port}/cluster", timeout=10)
+    assert reply.status_code == 200
+    workers = reply.json()["workers"]
+    assert workers and {"id", "role", "address", "running", "waiting", "kv_blocks_free",
+                        "kv_blocks_total", "served"} <= set(workers[0])
+    assert all(w["kv_blocks_free"] <= w["kv_blocks_total"] for w in workers)
