@@ -12,7 +12,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import signal
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pagewire.cluster.registry import WorkerInfo, WorkerRegistry
 from pagewire.cluster.routing import RoutingWeights, pick_decode_worker, pick_prefill_worker
 from pagewire.engine.prefix_hash import hash_full_blocks
 from pagewire.services.grpc_errors import InvalidRequest, Unavailable, grpc_errors
+from pagewire.services.lifecycle import run_service
 from pagewire.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -251,21 +251,9 @@ def parse_args(argv: Sequence[str] | None) -> RouterConfig:
                                redis_url=args.redis_url, redis_namespace=args.redis_namespace)
 
 
-async def _serve_until_signalled(config: RouterConfig) -> None:
-    server = await serve(config)
-    stopped = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopped.set)
-    await stopped.wait()
-    await server.stop(5)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(_serve_until_signalled(parse_args(argv)))
-    return 0
+    config = parse_args(argv)
+    return run_service(lambda: serve(config), lambda server: server.stop(5))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -22,6 +21,7 @@ from transformers import AutoConfig
 from pagewire.model.llama import ModelSpec
 from pagewire.model.model_source import ModelSource, resolve_model
 from pagewire.services.grpc_errors import FailedPrecondition, InvalidRequest, grpc_errors
+from pagewire.services.lifecycle import run_service
 from pagewire.services.tokenizer.config import TokenizerConfig
 from pagewire.tokenizer.detokenizer import IncrementalDetokenizer
 from pagewire.tokenizer.loader import eos_token_ids, load_tokenizer
@@ -173,17 +173,6 @@ async def serve(config: TokenizerConfig) -> grpc.aio.Server:
     return server
 
 
-async def _serve_until_signalled(config: TokenizerConfig) -> None:
-    server = await serve(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    logger.info("stopping: finishing in-flight calls for up to %.0f s", STOP_GRACE_S)
-    await server.stop(STOP_GRACE_S)
-
-
 def parse_args(argv: Sequence[str] | None) -> TokenizerConfig:
     defaults = TokenizerConfig.from_env()
     parser = argparse.ArgumentParser(description="pagewire tokenizer service (gRPC)")
@@ -202,9 +191,8 @@ def parse_args(argv: Sequence[str] | None) -> TokenizerConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(_serve_until_signalled(parse_args(argv)))
-    return 0
+    config = parse_args(argv)
+    return run_service(lambda: serve(config), lambda server: server.stop(STOP_GRACE_S))
 
 
 if __name__ == "__main__":

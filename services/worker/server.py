@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import dataclasses
 import logging
-import signal
 import time
 from collections.abc import Sequence
 
@@ -24,6 +23,7 @@ from pagewire.engine.async_engine import AsyncEngine
 from pagewire.engine.kv_transfer import KV_DTYPES, KVLayout
 from pagewire.engine.llm_engine import LLMEngine
 from pagewire.services.grpc_errors import FailedPrecondition, InvalidRequest, NotFound, grpc_errors
+from pagewire.services.lifecycle import run_service
 from pagewire.services.worker.announcer import Announcer
 from pagewire.services.worker.config import WorkerConfig
 from pagewire.services.worker.convert import sampling_from_proto, token_batch, token_logprobs
@@ -302,21 +302,9 @@ def parse_args(argv: Sequence[str] | None) -> WorkerConfig:
                         redis_namespace=args.redis_namespace, advertise_address=args.advertise)
 
 
-async def _serve_until_signalled(config: WorkerConfig) -> None:
-    server = await serve(config)
-    stopped = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopped.set)
-    await stopped.wait()
-    await stop(server)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(_serve_until_signalled(parse_args(argv)))
-    return 0
+    config = parse_args(argv)
+    return run_service(lambda: serve(config), stop)
 
 
 if __name__ == "__main__":
