@@ -25,6 +25,7 @@ from pagewire.services.lifecycle import run_service
 from pagewire.services.tokenizer.config import TokenizerConfig
 from pagewire.tokenizer.detokenizer import IncrementalDetokenizer
 from pagewire.tokenizer.loader import eos_token_ids, load_tokenizer
+from pagewire.tokenizer.token_bytes import TokenBytes
 from pagewire.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 __all__ = ["TokenizerConfig", "TokenizerServicer", "main", "serve"]
@@ -71,6 +72,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     def __init__(self, served: ServedTokenizer) -> None:
         self._served = served
         self._tokenizer = served.tokenizer
+        self._token_bytes = TokenBytes(served.tokenizer)  # per-id cache: ids repeat a lot
 
     @grpc_errors
     async def Tokenize(self, request, context):
@@ -115,6 +117,11 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 text += detokenizer.flush()
                 finished = True
             yield tokenizer_pb2.DetokenizeResponse(text=text)
+
+    @grpc_errors
+    async def TokenBytes(self, request, context):
+        token_ids = self._checked_ids(request.token_ids, "token_ids")
+        return tokenizer_pb2.TokenBytesResponse(token_bytes=self._token_bytes(token_ids))
 
     @grpc_errors
     async def GetModelInfo(self, request, context):

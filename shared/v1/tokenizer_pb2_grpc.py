@@ -44,6 +44,11 @@ class TokenizerStub:
                 request_serializer=pagewire_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.SerializeToString,
                 response_deserializer=pagewire_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
+        self.TokenBytes = channel.unary_unary(
+                '/pagewire.v1.Tokenizer/TokenBytes',
+                request_serializer=pagewire_dot_v1_dot_tokenizer__pb2.TokenBytesRequest.SerializeToString,
+                response_deserializer=pagewire_dot_v1_dot_tokenizer__pb2.TokenBytesResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/pagewire.v1.Tokenizer/GetModelInfo',
                 request_serializer=pagewire_dot_v1_dot_tokenizer__pb2.ModelInfoRequest.SerializeToString,
@@ -70,6 +75,14 @@ class TokenizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TokenBytes(self, request, context):
+        """The bytes each token id stands for on its own (logprobs report them): exact even where a
+        token holds part of a UTF-8 character, which a standalone decode would garble.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModelInfo(self, request, context):
         """The served model's name, limits and special tokens.
         """
@@ -89,6 +102,11 @@ def add_TokenizerServicer_to_server(servicer, server):
                     servicer.Detokenize,
                     request_deserializer=pagewire_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.FromString,
                     response_serializer=pagewire_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.SerializeToString,
+            ),
+            'TokenBytes': grpc.unary_unary_rpc_method_handler(
+                    servicer.TokenBytes,
+                    request_deserializer=pagewire_dot_v1_dot_tokenizer__pb2.TokenBytesRequest.FromString,
+                    response_serializer=pagewire_dot_v1_dot_tokenizer__pb2.TokenBytesResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -150,6 +168,33 @@ class Tokenizer:
             '/pagewire.v1.Tokenizer/Detokenize',
             pagewire_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.SerializeToString,
             pagewire_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TokenBytes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagewire.v1.Tokenizer/TokenBytes',
+            pagewire_dot_v1_dot_tokenizer__pb2.TokenBytesRequest.SerializeToString,
+            pagewire_dot_v1_dot_tokenizer__pb2.TokenBytesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -139,6 +139,36 @@ def test_model_info_describes_the_embedded_model(stub, tokenizer, embedded_sourc
     assert info.has_chat_template
 
 
+def test_token_bytes_rebuild_multibyte_text_exactly(stub, tokenizer):
+    ids = tokenizer.encode(EMOJI_TEXT)
+    response = stub.TokenBytes(pb.TokenBytesRequest(token_ids=ids), timeout=TIMEOUT_S)
+    pieces = list(response.token_bytes)
+    assert len(pieces) == len(ids)
+    assert b"".join(pieces).decode() == tokenizer.decode(ids)
+    assert any(_is_partial_utf8(piece) for piece in pieces)  # the case a decode would garble
+
+
+def _is_partial_utf8(piece: bytes) -> bool:
+    try:
+        piece.decode()
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def test_token_bytes_of_a_special_token_is_its_text(stub, tokenizer):
+    response = stub.TokenBytes(pb.TokenBytesRequest(token_ids=[tokenizer.eos_token_id]),
+                               timeout=TIMEOUT_S)
+    assert response.token_bytes[0].decode() == tokenizer.eos_token
+
+
+def test_token_bytes_of_an_unknown_id_is_invalid_argument(stub, tokenizer):
+    with pytest.raises(grpc.RpcError) as error:
+        stub.TokenBytes(pb.TokenBytesRequest(token_ids=[5, 10**9]), timeout=TIMEOUT_S)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "1000000000" in error.value.details()
+
+
 @pytest.mark.parametrize("service", ["", "pagewire.v1.Tokenizer"])
 def test_health_check_reports_serving(channel, service):
     health = health_pb2_grpc.HealthStub(channel)
