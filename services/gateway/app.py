@@ -7,21 +7,24 @@ never compute on tokens themselves.
 from __future__ import annotations
 
 import hmac
-import time
-from collections.abc import AsyncIterator
+import logging
 from contextlib import asynccontextmanager
 
 import grpc
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import responses
+from .answers import LogprobShaper, collect, stream
 from .backend import Backend
 from .config import GatewayConfig
-from .errors import APIError, error_body, from_grpc, install_error_handlers
-from .generation import ChoiceEvent, UsageCounter, merge_choices, run_choice
+from .errors import APIError, install_error_handlers
+from .generation import UsageCounter, merge_choices, run_choice
+from .metrics import GatewayMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from .requests import choice_specs, max_tokens_of, new_request_id, reject_unsupported
+from .requests import choice_specs, logprobs_of, max_tokens_of, new_request_id
+
+logger = logging.getLogger(__name__)
 
 
 def create_app(config: GatewayConfig) -> FastAPI:
@@ -30,6 +33,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         backend = Backend(config.tokenizer_address, config.router_address)
         try:
             app.state.backend = backend
+            app.state.metrics = GatewayMetrics()
             app.state.model_info = await backend.model_info()
             yield
         finally:
@@ -49,6 +53,17 @@ def create_app(config: GatewayConfig) -> FastAPI:
         return {"object": "list", "data": [{"id": info.model, "object": "model", "created": 0,
                                             "owned_by": "pagewire",
                                             "max_model_len": info.max_model_len}]}
+
+    @app.get("/metrics", dependencies=[auth])
+    async def metrics(request: Request) -> Response:
+        """Prometheus text: this gateway's request series and every live worker's load."""
+        try:
+            cluster = await request.app.state.backend.cluster()
+        except grpc.aio.AioRpcError as exc:  # request series still count; workers unknown
+            logger.warning("/metrics without worker series: router %s", exc.code().name)
+            cluster = None
+        return Response(request.app.state.metrics.render(cluster),
+                        media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/cluster", dependencies=[auth])
     async def cluster(request: Request) -> dict:
@@ -111,72 +126,18 @@ def _checked_token_ids(request: Request, token_ids: list[int]) -> list[int]:
 
 async def _serve(request: Request, body: SamplingFields, prompt_ids: list[int],
                  config: GatewayConfig, chat: bool):
-    reject_unsupported(body)
     info = request.app.state.model_info
     max_tokens = max_tokens_of(body, len(prompt_ids), info.max_model_len)
     request_id = new_request_id("chatcmpl" if chat else "cmpl")
+    specs = choice_specs(body, request_id, max_tokens)
     usage = UsageCounter()
-    backend = request.app.state.backend
+    backend, metrics = request.app.state.backend, request.app.state.metrics
     events = merge_choices([
-        run_choice(backend, index, spec, prompt_ids, config.request_timeout_s, usage)
-        for index, spec in enumerate(choice_specs(body, request_id, max_tokens))])
+        run_choice(backend, index, spec, prompt_ids, config.request_timeout_s, usage,
+                   metrics.choice())
+        for index, spec in enumerate(specs)])
+    shape = LogprobShaper(chat, body.n) if logprobs_of(body) is not None else None
     if body.stream:
-        return await _stream(events, request_id, info.model, body, usage, chat)
-    return JSONResponse(await _collect(events, request_id, info.model, body.n, usage, chat))
-
-
-async def _collect(events: AsyncIterator[ChoiceEvent], request_id: str, model: str, n: int,
-                   usage: UsageCounter, chat: bool) -> dict:
-    texts = [""] * n
-    finish_reasons: list[str | None] = [None] * n
-    try:
-        async for event in events:
-            texts[event.index] += event.text
-            finish_reasons[event.index] = event.finish_reason or finish_reasons[event.index]
-    finally:
-        await events.aclose()
-    build = responses.chat_completion if chat else responses.completion
-    return build(request_id, model, texts, finish_reasons, usage.as_dict())
-
-
-async def _stream(events: AsyncIterator[ChoiceEvent], request_id: str, model: str,
-                  body: SamplingFields, usage: UsageCounter, chat: bool) -> StreamingResponse:
-    created = int(time.time())
-    try:  # the first event before the headers, so an early failure is a proper HTTP error
-        first = await events.__anext__()
-    except StopAsyncIteration:
-        first = None
-    except BaseException:
-        await events.aclose()
-        raise
-
-    def chunk(event: ChoiceEvent, delta: dict | None = None) -> str:
-        if chat:
-            payload = responses.chat_chunk(request_id, model, created, event.index,
-                                           delta if delta is not None else
-                                           {"content": event.text}, event.finish_reason)
-        else:
-            payload = responses.completion_chunk(request_id, model, created, event.index,
-                                                 event.text, event.finish_reason)
-        return responses.sse(payload)
-
-    async def body_chunks() -> AsyncIterator[str]:
-        try:
-            if chat:  # the role first, once per choice
-                for index in range(body.n):
-                    yield chunk(ChoiceEvent(index, ""), {"role": "assistant", "content": ""})
-            if first is not None:
-                yield chunk(first)
-            async for event in events:
-                yield chunk(event)
-            if body.include_usage:
-                yield responses.sse(responses.usage_chunk(request_id, model, created, chat,
-                                                          usage.as_dict()))
-        except grpc.aio.AioRpcError as exc:  # headers are sent: report in the stream
-            error = from_grpc(exc)
-            yield responses.sse(error_body(error.message, error.type, code=error.code))
-        finally:
-            await events.aclose()  # client gone or done: cancels router calls still running
-        yield responses.SSE_DONE
-
-    return StreamingResponse(body_chunks(), media_type="text/event-stream")
+        return await stream(events, request_id, info.model, body, usage, chat, shape)
+    return JSONResponse(await collect(events, request_id, info.model, body.n, usage, chat,
+                                       shape))

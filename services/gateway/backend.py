@@ -21,6 +21,7 @@ class Backend:
         self._router_channel = grpc.aio.insecure_channel(router_address)
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(self._tokenizer_channel)
         self.router = router_pb2_grpc.RouterStub(self._router_channel)
+        self._token_bytes: dict[int, bytes] = {}
 
     async def model_info(self) -> tokenizer_pb2.ModelInfo:
         return await self.tokenizer.GetModelInfo(
@@ -56,6 +57,15 @@ class Backend:
 
     async def cluster(self) -> router_pb2.ClusterInfo:
         return await self.router.GetCluster(router_pb2.ClusterRequest(), timeout=5.0)
+
+    async def token_bytes(self, token_ids: list[int]) -> list[bytes]:
+        """Each id's bytes; asked of the tokenizer once per id, then cached (vocab-sized)."""
+        missing = sorted(set(token_ids) - self._token_bytes.keys())
+        if missing:
+            response = await self.tokenizer.TokenBytes(
+                tokenizer_pb2.TokenBytesRequest(token_ids=missing), timeout=TOKENIZE_TIMEOUT_S)
+            self._token_bytes.update(zip(missing, response.token_bytes))
+        return [self._token_bytes[token_id] for token_id in token_ids]
 
     def detokenizer(self, prompt_token_ids: list[int]) -> Detokenizer:
         return Detokenizer(self.tokenizer, prompt_token_ids)

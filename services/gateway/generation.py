@@ -10,10 +10,14 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+import grpc
+
 from pagewire.tokenizer.stop_strings import StopStringMatcher
 from pagewire.v1 import common_pb2
 
 from .backend import Backend
+from .logprobs import TokenLogprob
+from .metrics import ChoiceTimer
 
 _FINISH_REASONS = {
     common_pb2.FINISH_REASON_STOP: "stop",
@@ -27,6 +31,7 @@ class ChoiceEvent:
     index: int
     text: str
     finish_reason: str | None = None  # set on the choice's last event only
+    logprobs: list[TokenLogprob] | None = None  # of the tokens behind `text`, when asked
 
 
 @dataclass
@@ -50,13 +55,15 @@ class ChoiceSpec:
 
 
 async def run_choice(backend: Backend, index: int, spec: ChoiceSpec, prompt_token_ids: list[int],
-                     timeout_s: float, usage: UsageCounter) -> AsyncIterator[ChoiceEvent]:
+                     timeout_s: float, usage: UsageCounter,
+                     timer: ChoiceTimer) -> AsyncIterator[ChoiceEvent]:
     call = backend.generate(spec.request_id, prompt_token_ids, spec.sampling, timeout_s)
     detokenizer = backend.detokenizer(prompt_token_ids)
     matcher = StopStringMatcher(spec.stop_strings) if spec.stop_strings else None
     first = True
     try:
         async for batch in call:
+            timer.on_batch(batch)
             if first:
                 usage.prompt_tokens = batch.prompt_tokens or len(prompt_token_ids)
                 usage.cached_tokens = max(usage.cached_tokens, batch.cached_tokens)
@@ -64,21 +71,38 @@ async def run_choice(backend: Backend, index: int, spec: ChoiceSpec, prompt_toke
             usage.completion_tokens += len(batch.token_ids)
             finish = _FINISH_REASONS.get(batch.finish_reason)
             text = await detokenizer.step(list(batch.token_ids), finish is not None)
+            logprobs = await _logprobs(backend, batch) if spec.sampling.HasField(
+                "logprobs") else None
             if matcher is not None:
                 text, stopped = matcher.feed(text)
                 if stopped:
-                    yield ChoiceEvent(index, text, "stop")
+                    timer.on_finish("stop")
+                    yield ChoiceEvent(index, text, "stop", logprobs)
                     await backend.abort(spec.request_id)
                     return
                 if finish is not None:
                     text += matcher.flush()
-            if text or finish is not None:
-                yield ChoiceEvent(index, text, finish)
+            if finish is not None:
+                timer.on_finish(finish)
+            if text or finish is not None or logprobs:
+                yield ChoiceEvent(index, text, finish, logprobs)
             if finish is not None:
                 return
+    except grpc.aio.AioRpcError as exc:
+        timer.on_error(exc.code().name.lower())
+        raise
     finally:
+        timer.on_finish("abort")  # no-op unless the client left or a stop string ended it
         call.cancel()  # no-op when the stream ended; aborts downstream otherwise
         detokenizer.close()
+
+
+async def _logprobs(backend: Backend, batch: common_pb2.TokenBatch) -> list[TokenLogprob]:
+    ids = [*batch.token_ids, *(top.token_id for lp in batch.logprobs for top in lp.top)]
+    spelled = dict(zip(ids, await backend.token_bytes(ids)))
+    return [TokenLogprob(spelled[token_id], lp.logprob,
+                         tuple((spelled[top.token_id], top.logprob) for top in lp.top))
+            for token_id, lp in zip(batch.token_ids, batch.logprobs)]
 
 
 async def merge_choices(choices: list[AsyncIterator[ChoiceEvent]]) -> AsyncIterator[ChoiceEvent]:

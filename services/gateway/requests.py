@@ -40,14 +40,17 @@ def max_tokens_of(request: SamplingFields, prompt_len: int, max_model_len: int) 
     return asked
 
 
-def reject_unsupported(request: SamplingFields) -> None:
-    if isinstance(request, CompletionRequest) and request.logprobs is not None:
-        raise bad_request("logprobs are not supported yet", param="logprobs")
-    if isinstance(request, ChatCompletionRequest) and (request.logprobs or request.top_logprobs):
-        raise bad_request("logprobs are not supported yet", param="logprobs")
+def logprobs_of(request: SamplingFields) -> int | None:
+    """Top logprobs per token the request asks for (0 = the sampled token's only), or None."""
+    if isinstance(request, CompletionRequest):
+        return request.logprobs
+    if request.top_logprobs is not None and not request.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
+    return (request.top_logprobs or 0) if request.logprobs else None
 
 
 def choice_specs(request: SamplingFields, request_id: str, max_tokens: int) -> list[ChoiceSpec]:
+    logprobs = logprobs_of(request)
     specs = []
     for index in range(request.n):
         sampling = common_pb2.SamplingOptions(
@@ -63,5 +66,7 @@ def choice_specs(request: SamplingFields, request_id: str, max_tokens: int) -> l
         )
         if request.seed is not None:
             sampling.seed = request.seed + index
+        if logprobs is not None:
+            sampling.logprobs = logprobs
         specs.append(ChoiceSpec(f"{request_id}-{index}", sampling, tuple(request.stop_strings)))
     return specs

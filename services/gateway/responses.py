@@ -13,34 +13,35 @@ def sse(payload: dict) -> str:
 
 
 def completion(request_id: str, model: str, texts: list[str], finish_reasons: list[str | None],
-               usage: dict) -> dict:
+               usage: dict, logprobs: list[dict | None]) -> dict:
     return {"id": request_id, "object": "text_completion", "created": int(time.time()),
             "model": model, "usage": usage,
             "choices": [{"index": i, "text": text, "finish_reason": finish_reasons[i],
-                         "logprobs": None} for i, text in enumerate(texts)]}
+                         "logprobs": logprobs[i]} for i, text in enumerate(texts)]}
 
 
 def chat_completion(request_id: str, model: str, texts: list[str],
-                    finish_reasons: list[str | None], usage: dict) -> dict:
+                    finish_reasons: list[str | None], usage: dict,
+                    logprobs: list[dict | None]) -> dict:
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
             "model": model, "usage": usage,
-            "choices": [{"index": i, "finish_reason": finish_reasons[i], "logprobs": None,
+            "choices": [{"index": i, "finish_reason": finish_reasons[i], "logprobs": logprobs[i],
                          "message": {"role": "assistant", "content": text}}
                         for i, text in enumerate(texts)]}
 
 
 def completion_chunk(request_id: str, model: str, created: int, index: int, text: str,
-                     finish_reason: str | None) -> dict:
+                     finish_reason: str | None, logprobs: dict | None = None) -> dict:
     return {"id": request_id, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": index, "text": text, "finish_reason": finish_reason,
-                         "logprobs": None}]}
+                         "logprobs": logprobs}]}
 
 
 def chat_chunk(request_id: str, model: str, created: int, index: int, delta: dict,
-               finish_reason: str | None) -> dict:
+               finish_reason: str | None, logprobs: dict | None = None) -> dict:
     return {"id": request_id, "object": "chat.completion.chunk", "created": created,
             "model": model, "choices": [{"index": index, "delta": delta,
-                                         "finish_reason": finish_reason, "logprobs": None}]}
+                                         "finish_reason": finish_reason, "logprobs": logprobs}]}
 
 
 def usage_chunk(request_id: str, model: str, created: int, chat: bool, usage: dict) -> dict:

@@ -156,9 +156,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             first = await stream.read()
             if first == grpc.aio.EOF or not first.HasField("reserved"):
                 raise Unavailable(f"decode worker {decode.worker_id} did not reserve")
-            await self._prefill_with_retry(rid, prompt, sampling, prefill, prefills, decode,
-                                           first.reserved.skip_blocks)
+            prefilled = await self._prefill_with_retry(rid, prompt, sampling, prefill, prefills,
+                                                       decode, first.reserved.skip_blocks)
+            transfer_reported = False
             async for batch in _relay(stream, decode, lambda m: m.tokens):
+                if not transfer_reported:  # the gateway's KV transfer metrics
+                    batch.kv_transfer_bytes = prefilled.kv_bytes
+                    batch.kv_transfer_ms = prefilled.kv_transfer_ms
+                    transfer_reported = True
                 yield batch
         except grpc.aio.AioRpcError as exc:
             raise _lost(decode, exc) from None
@@ -170,11 +175,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         while True:
             tried.add(prefill.worker_id)
             try:
-                await self._stub(prefill).Prefill(worker_pb2.PrefillRequest(
+                return await self._stub(prefill).Prefill(worker_pb2.PrefillRequest(
                     request_id=rid, prompt_token_ids=prompt, sampling=sampling,
                     decode_worker_address=decode.address, skip_blocks=skip,
                     timeout_ms=self.config.transfer_timeout_ms))
-                return
             except grpc.aio.AioRpcError as exc:
                 others = [w for w in prefills if w.worker_id not in tried]
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or not others or \

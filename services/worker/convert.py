@@ -38,13 +38,12 @@ def sampling_from_proto(options: common_pb2.SamplingOptions) -> SamplingParams:
         raise InvalidRequest(f"sampling: {exc}") from exc
 
 
-def token_logprobs(entry) -> common_pb2.TokenLogprobs:
+def token_logprobs(token_id: int, entry) -> common_pb2.TokenLogprobs:
     """One output token's {token_id: Logprob} (sampled token and top-n) as a message."""
     ranked = sorted(((lp.rank, tid, lp.logprob) for tid, lp in entry.items() if lp.rank))
-    sampled = [lp.logprob for lp in entry.values() if lp.rank is None]
-    logprob = sampled[0] if sampled else ranked[0][2]
     return common_pb2.TokenLogprobs(
-        logprob=logprob, top=[common_pb2.TopLogprob(token_id=t, logprob=v) for _, t, v in ranked])
+        logprob=entry[token_id].logprob,
+        top=[common_pb2.TopLogprob(token_id=t, logprob=v) for _, t, v in ranked])
 
 
 def token_batch(output: RequestOutput, num_sent: int) -> common_pb2.TokenBatch:
@@ -52,7 +51,8 @@ def token_batch(output: RequestOutput, num_sent: int) -> common_pb2.TokenBatch:
     completion = output.outputs[0]
     batch = common_pb2.TokenBatch(token_ids=completion.token_ids[num_sent:])
     if completion.logprobs is not None:
-        batch.logprobs.extend(token_logprobs(e) for e in completion.logprobs[num_sent:])
+        batch.logprobs.extend(token_logprobs(t, e) for t, e in zip(
+            completion.token_ids[num_sent:], completion.logprobs[num_sent:]))
     if output.finished:
         batch.finish_reason = _FINISH[completion.finish_reason]
         if isinstance(completion.stop_reason, int):

@@ -75,7 +75,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             first_token_id=completion.token_ids[0], cached_tokens=final.num_cached_tokens,
             kv_bytes=blocks.numel() * blocks.element_size(), kv_transfer_ms=elapsed_ms)
         if completion.logprobs:
-            response.first_logprobs.CopyFrom(token_logprobs(completion.logprobs[0]))
+            response.first_logprobs.CopyFrom(token_logprobs(completion.token_ids[0],
+                                                            completion.logprobs[0]))
         return response
 
     def _kv_header(self, rid, num_tokens, skip_blocks, num_blocks, output):
@@ -87,7 +88,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             skip_blocks=skip_blocks, num_blocks=num_blocks,
             first_token_id=output.outputs[0].token_ids[0], cached_tokens=output.num_cached_tokens)
         if output.outputs[0].logprobs:
-            header.first_logprobs.CopyFrom(token_logprobs(output.outputs[0].logprobs[0]))
+            header.first_logprobs.CopyFrom(token_logprobs(output.outputs[0].token_ids[0],
+                                                             output.outputs[0].logprobs[0]))
         return header
 
     async def _push_kv(self, address: str, header, blocks: torch.Tensor) -> None:
@@ -139,10 +141,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         finally:
             self._transfers.pop(rid, None)
 
+        first = header.first_logprobs
+        first_logprobs = [((header.first_token_id, first.logprob),
+                           [(top.token_id, top.logprob) for top in first.top])]
+
         def submit(e: LLMEngine):
             return e.import_kv_blocks(rid, prompt, [header.first_token_id], layout,
                                       header.num_tokens, header.skip_blocks, blocks, params,
-                                      header.cached_tokens)
+                                      header.cached_tokens, first_logprobs)
 
         num_sent = 0
         async for output in self.engine.stream(rid, submit):

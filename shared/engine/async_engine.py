@@ -57,18 +57,26 @@ class AsyncEngine:
     async def stream(self, request_id: str,
                      submit: Callable[[LLMEngine], Any]) -> AsyncIterator[RequestOutput]:
         """Registers a stream for request_id, runs submit(engine) (add_request or import_kv)
-        on the engine thread, then yields the request's outputs until it finishes. A submit
-        that returns an already finished sequence (an import whose replayed tokens ended it)
-        yields that one output."""
+        on the engine thread, then yields the request's outputs until it finishes. An import
+        arrives with its first token already sampled: that output is yielded at once, not
+        after the next step (it is the time to first token)."""
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
         finished = False
+
+        def submit_and_snapshot(engine: LLMEngine):
+            submitted = submit(engine)
+            if isinstance(submitted, Sequence) and submitted.output_token_ids:
+                return engine.output_of(submitted)
+            return None
+
         try:
-            submitted = await self.call(submit)
-            if isinstance(submitted, Sequence) and submitted.is_finished:
-                finished = True
-                yield await self.call(lambda e: e.output_of(submitted))
-                return
+            imported = await self.call(submit_and_snapshot)
+            if imported is not None:
+                finished = imported.finished
+                yield imported
+                if finished:
+                    return
             while True:
                 item = await outputs.get()
                 if isinstance(item, BaseException):

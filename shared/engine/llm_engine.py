@@ -311,8 +311,11 @@ class LLMEngine:
                          output_token_ids: list[int], layout: KVLayout, num_tokens: int,
                          skip_blocks: int, blocks: torch.Tensor,
                          params: SamplingParams | None = None,
-                         num_cached_tokens: int = 0) -> Sequence:
-        """import_kv with the bytes already decoded (the worker's wire format carries them)."""
+                         num_cached_tokens: int = 0,
+                         output_logprobs: list | None = None) -> Sequence:
+        """import_kv with the bytes already decoded (the worker's wire format carries them).
+        `output_logprobs`, one (sampled (id, logprob), top [(id, logprob)]) per output token,
+        carries the origin's logprobs over when the request asks for them."""
         self.kv_layout.check_matches(layout)
         if tuple(blocks.shape[1:]) != layout.block_shape or \
                 skip_blocks + blocks.shape[0] != -(-num_tokens // layout.block_size):
@@ -337,8 +340,11 @@ class LLMEngine:
                                  blocks)
         seq.reserved_blocks = None
         seq.num_cached_tokens = num_cached_tokens
-        for token_id in output_token_ids:  # replay, so text and stop state match the origin
+        for i, token_id in enumerate(output_token_ids):  # replay: text and stop state as at origin
             seq.append_token(token_id)
+            if seq.params.logprobs is not None and output_logprobs is not None:
+                sampled, top = output_logprobs[i]
+                seq.output_logprobs.append((sampled, top[:seq.params.logprobs]))
             self._after_token(seq, token_id)
             if seq.is_finished:
                 self.block_manager.free(seq.block_table)

@@ -1,98 +1,23 @@
 """The OpenAI-compatible gateway on loopback, driven by the official `openai` client.
 
-Tokenizer + worker(s) + router (found through real Redis) + the gateway under uvicorn, all in one
-background event loop; the offline engine is the oracle for greedy text.
+The whole pipeline runs in-process (tests/integration/stack.py); the offline engine is the oracle
+for greedy text.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
-import uuid
 
 import httpx
 import openai
 import pytest
-import redis
-import uvicorn
 
 from pagewire import SamplingParams
-from pagewire.config import EngineConfig
-from pagewire.services.gateway.app import create_app
-from pagewire.services.gateway.config import GatewayConfig
-from pagewire.services.router.server import RouterConfig
-from pagewire.services.router.server import serve as serve_router
-from pagewire.services.tokenizer.config import TokenizerConfig
-from pagewire.services.tokenizer.server import serve as serve_tokenizer
-from pagewire.services.worker.config import WorkerConfig
-from pagewire.services.worker.server import serve as serve_worker
-from pagewire.services.worker.server import stop as stop_worker
-from tests.integration.redis_helpers import REDIS_URL, delete_namespace
+from tests.integration.stack import Stack
 
-ENGINE = EngineConfig(kv_cache_memory_bytes=64 << 20, max_model_len=1024, show_progress=False)
 SYSTEM = ("You are the support assistant of a bicycle shop. Answer in two sentences, name the "
           "part involved, and always end by offering a free safety check at the shop. ") * 2
 CHAT = [{"role": "user", "content": "Name three colours."}]
-
-
-class Stack:
-    """The whole serving pipeline in one background loop; `client()` talks to its gateway."""
-
-    def __init__(self, roles: tuple[str, ...], api_key: str | None = None) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self.namespace = f"pwtest-{uuid.uuid4().hex}"
-        self._roles, self._api_key = roles, api_key
-        self.port = self._run(self._start())
-
-    def _run(self, coroutine, timeout_s: float = 120.0):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
-
-    async def _start(self) -> int:
-        self.tokenizer = await serve_tokenizer(TokenizerConfig(port=0))
-        self.workers = [await serve_worker(WorkerConfig(
-            role=role, port=0, engine=ENGINE, redis_url=REDIS_URL,
-            redis_namespace=self.namespace)) for role in self._roles]
-        self.router = await serve_router(RouterConfig(port=0, redis_url=REDIS_URL,
-                                                      redis_namespace=self.namespace))
-        self.gateway_config = GatewayConfig(
-            port=0, tokenizer_address=f"127.0.0.1:{self.tokenizer.bound_port}",
-            router_address=f"127.0.0.1:{self.router.bound_port}", api_key=self._api_key,
-            request_timeout_s=60)
-        return await self.start_gateway(self.gateway_config)
-
-    async def start_gateway(self, config: GatewayConfig) -> int:
-        server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=0,
-                                               log_level="warning", lifespan="on"))
-        self._gateways = [*getattr(self, "_gateways", []), server]
-        self._gateway_tasks = [*getattr(self, "_gateway_tasks", []),
-                               asyncio.create_task(server.serve())]
-        while not server.started:
-            await asyncio.sleep(0.02)
-        return server.servers[0].sockets[0].getsockname()[1]
-
-    def client(self, port: int | None = None, api_key: str = "x") -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{port or self.port}/v1",
-                             api_key=api_key, max_retries=0, timeout=60)
-
-    def stop(self) -> None:
-        async def stop_all():
-            for server in self._gateways:
-                server.should_exit = True
-            await asyncio.gather(*self._gateway_tasks)
-            await self.router.stop(0)
-            for worker in self.workers:
-                await stop_worker(worker, 0)
-            await self.tokenizer.stop(0)
-        try:
-            self._run(stop_all())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(5)
-            client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
-            delete_namespace(client, self.namespace)
-            client.close()
 
 
 @pytest.fixture(scope="module")
