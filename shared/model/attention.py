@@ -14,7 +14,8 @@ backend (kernels/) reads the same metadata on CUDA.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -40,13 +41,35 @@ class AttentionGroup:
 
 @dataclass
 class AttentionMetadata:
+    """What one step's attention needs, built once per step and shared by every layer.
+
+    The plain per-sequence tensors serve backends that walk block tables themselves (Triton);
+    the padded rectangles of the torch backend (`groups`) are built only when first asked for.
+    """
+
     slot_mapping: torch.Tensor  # [T] cache slot for each new token
-    groups: list[AttentionGroup]
-    # Plain per-sequence facts, for backends that walk block tables themselves (Triton).
     query_start_loc: torch.Tensor  # [B+1] int32
     seq_lens: torch.Tensor  # [B] int32, context length after this step
     block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
     num_decode_seqs: int
+    max_query_len: int
+    max_seq_len: int
+    _query_lens: list[int] = field(repr=False)
+    _context_lens: list[int] = field(repr=False)
+    _block_table_lists: list[list[int]] = field(repr=False)
+    _block_size: int = field(repr=False)
+
+    @cached_property
+    def groups(self) -> list[AttentionGroup]:
+        """Decode sequences, then prefill chunks, each padded to one rectangle."""
+        starts = [0]
+        for qlen in self._query_lens:
+            starts.append(starts[-1] + qlen)
+        num_decode, total = self.num_decode_seqs, len(self._query_lens)
+        return [_build_group(self._query_lens[lo:hi], self._context_lens[lo:hi],
+                             self._block_table_lists[lo:hi], starts[lo], self._block_size,
+                             self.slot_mapping.device)
+                for lo, hi in ((0, num_decode), (num_decode, total)) if hi > lo]
 
 
 def build_attention_metadata(
@@ -61,34 +84,34 @@ def build_attention_metadata(
     context_lens[i] is the number of tokens of sequence i whose KV exists after this step
     (cached prefix + already computed + this step's queries).
     """
-    slot_mapping: list[int] = []
-    for qlen, clen, table in zip(query_lens, context_lens, block_tables):
-        for pos in range(clen - qlen, clen):
-            slot_mapping.append(table[pos // block_size] * block_size + pos % block_size)
     num_decode = 0
     while num_decode < len(query_lens) and query_lens[num_decode] == 1:
         num_decode += 1
-    groups = []
-    starts = [0]
-    for qlen in query_lens:
-        starts.append(starts[-1] + qlen)
-    for lo, hi in ((0, num_decode), (num_decode, len(query_lens))):
-        if hi > lo:
-            groups.append(
-                _build_group(
-                    query_lens[lo:hi], context_lens[lo:hi], block_tables[lo:hi],
-                    starts[lo], block_size, device,
-                )
-            )
     max_blocks = max((len(t) for t in block_tables), default=0)
-    padded_tables = [t + [0] * (max_blocks - len(t)) for t in block_tables]
+    tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables],
+                          dtype=torch.int32).reshape(len(block_tables), max_blocks)
+    qlens = torch.tensor(query_lens, dtype=torch.int32)
+    clens = torch.tensor(context_lens, dtype=torch.int32)
+    starts = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+    torch.cumsum(qlens, 0, out=starts[1:])
+    # Each new token's position and sequence, then its slot through the block table.
+    seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), qlens.long())
+    positions = (clens - qlens)[seq_of_token] + (
+        torch.arange(int(starts[-1])) - starts[:-1][seq_of_token])
+    slots = tables[seq_of_token, positions // block_size].long() * block_size + \
+        positions % block_size
     return AttentionMetadata(
-        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
-        groups=groups,
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
-        block_tables=torch.tensor(padded_tables, dtype=torch.int32, device=device),
+        slot_mapping=slots.to(device),
+        query_start_loc=starts.to(device),
+        seq_lens=clens.to(device),
+        block_tables=tables.to(device),
         num_decode_seqs=num_decode,
+        max_query_len=max(query_lens, default=0),
+        max_seq_len=max(context_lens, default=0),
+        _query_lens=list(query_lens),
+        _context_lens=list(context_lens),
+        _block_table_lists=block_tables,
+        _block_size=block_size,
     )
 
 
