@@ -29,6 +29,10 @@ class NotFound(LookupError):
     """The request names something this server does not hold: NOT_FOUND."""
 
 
+class Aborted(RuntimeError):
+    """The request was aborted (Abort RPC) before this call could finish: CANCELLED."""
+
+
 class Unavailable(ConnectionError):
     """No worker can serve this now (none live, or the one serving it was lost): UNAVAILABLE."""
 
@@ -53,6 +57,7 @@ _STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (Aborted, grpc.StatusCode.CANCELLED),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
 

@@ -2,21 +2,27 @@
 
 The stream sends the first event before its headers go out, so a request that fails at once is
 a proper HTTP error; later failures become an error event, and `data: [DONE]` always ends it.
+A client that leaves, before the first token or during a non-streamed answer, cancels the
+choices at once (their router calls, and with them the work on every worker).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 import grpc
-from fastapi.responses import StreamingResponse
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from . import responses
 from .errors import error_body, from_grpc
 from .generation import ChoiceEvent, UsageCounter
 from .logprobs import chat_logprobs, completion_logprobs, text_length
-from .protocol import SamplingFields
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left: nobody reads it
 
 
 class LogprobShaper:
@@ -35,8 +41,71 @@ class LogprobShaper:
         return shaped
 
 
-async def collect(events: AsyncIterator[ChoiceEvent], request_id: str, model: str, n: int,
-                   usage: UsageCounter, chat: bool, shape: LogprobShaper | None) -> dict:
+@dataclass
+class Answer:
+    """What shapes one request's answer, whatever the events turn out to be."""
+
+    request_id: str
+    model: str
+    chat: bool
+    n: int
+    include_usage: bool
+    shape: LogprobShaper | None
+    usage: UsageCounter = field(default_factory=UsageCounter)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def chunk(self, event: ChoiceEvent, delta: dict | None = None) -> str:
+        logprobs = self.shape(event) if self.shape is not None and delta is None else None
+        if self.chat:
+            payload = responses.chat_chunk(
+                self.request_id, self.model, self.created, event.index,
+                delta if delta is not None else {"content": event.text}, event.finish_reason,
+                logprobs)
+        else:
+            payload = responses.completion_chunk(self.request_id, self.model, self.created,
+                                                 event.index, event.text, event.finish_reason,
+                                                 logprobs)
+        return responses.sse(payload)
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def unless_disconnected(request: Request, awaitable):
+    """The awaitable's result; if the client leaves first, it is cancelled and
+    ClientDisconnected is raised."""
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+    if work.cancelled():
+        raise ClientDisconnected
+    return work.result()
+
+
+async def _until_disconnected(request: Request) -> None:
+    # The body is already read, so the next ASGI message is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect(request: Request, events: AsyncIterator[ChoiceEvent],
+                  answer: Answer) -> Response:
+    try:
+        body = await unless_disconnected(request, _collect(events, answer))
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return JSONResponse(body)
+
+
+async def _collect(events: AsyncIterator[ChoiceEvent], answer: Answer) -> dict:
+    n = answer.n
     texts = [""] * n
     finish_reasons: list[str | None] = [None] * n
     tokens: list[list] = [[] for _ in range(n)]
@@ -47,48 +116,39 @@ async def collect(events: AsyncIterator[ChoiceEvent], request_id: str, model: st
             tokens[event.index].extend(event.logprobs or [])
     finally:
         await events.aclose()
+    shape = answer.shape
     logprobs = [None if shape is None else shape(ChoiceEvent(i, "", logprobs=tokens[i]))
                 for i in range(n)]
-    build = responses.chat_completion if chat else responses.completion
-    return build(request_id, model, texts, finish_reasons, usage.as_dict(), logprobs)
+    build = responses.chat_completion if answer.chat else responses.completion
+    return build(answer.request_id, answer.model, texts, finish_reasons,
+                 answer.usage.as_dict(), logprobs)
 
 
-async def stream(events: AsyncIterator[ChoiceEvent], request_id: str, model: str,
-                  body: SamplingFields, usage: UsageCounter, chat: bool,
-                  shape: LogprobShaper | None) -> StreamingResponse:
-    created = int(time.time())
+async def stream(request: Request, events: AsyncIterator[ChoiceEvent],
+                 answer: Answer) -> Response:
     try:  # the first event before the headers, so an early failure is a proper HTTP error
-        first = await events.__anext__()
-    except StopAsyncIteration:
-        first = None
+        first = await unless_disconnected(request, _next_or_none(events))
+    except ClientDisconnected:
+        await events.aclose()
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     except BaseException:
         await events.aclose()
         raise
 
-    def chunk(event: ChoiceEvent, delta: dict | None = None) -> str:
-        logprobs = shape(event) if shape is not None and delta is None else None
-        if chat:
-            payload = responses.chat_chunk(request_id, model, created, event.index,
-                                           delta if delta is not None else
-                                           {"content": event.text}, event.finish_reason,
-                                           logprobs)
-        else:
-            payload = responses.completion_chunk(request_id, model, created, event.index,
-                                                 event.text, event.finish_reason, logprobs)
-        return responses.sse(payload)
-
     async def body_chunks() -> AsyncIterator[str]:
         try:
-            if chat:  # the role first, once per choice
-                for index in range(body.n):
-                    yield chunk(ChoiceEvent(index, ""), {"role": "assistant", "content": ""})
+            if answer.chat:  # the role first, once per choice
+                for index in range(answer.n):
+                    yield answer.chunk(ChoiceEvent(index, ""),
+                                       {"role": "assistant", "content": ""})
             if first is not None:
-                yield chunk(first)
+                yield answer.chunk(first)
             async for event in events:
-                yield chunk(event)
-            if body.include_usage:
-                yield responses.sse(responses.usage_chunk(request_id, model, created, chat,
-                                                          usage.as_dict()))
+                yield answer.chunk(event)
+            if answer.include_usage:
+                yield responses.sse(responses.usage_chunk(
+                    answer.request_id, answer.model, answer.created, answer.chat,
+                    answer.usage.as_dict()))
         except grpc.aio.AioRpcError as exc:  # headers are sent: report in the stream
             error = from_grpc(exc)
             yield responses.sse(error_body(error.message, error.type, code=error.code))
@@ -97,3 +157,10 @@ async def stream(events: AsyncIterator[ChoiceEvent], request_id: str, model: str
         yield responses.SSE_DONE
 
     return StreamingResponse(body_chunks(), media_type="text/event-stream")
+
+
+async def _next_or_none(events: AsyncIterator[ChoiceEvent]) -> ChoiceEvent | None:
+    try:
+        return await events.__anext__()
+    except StopAsyncIteration:
+        return None

@@ -12,14 +12,14 @@ from contextlib import asynccontextmanager
 
 import grpc
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .answers import LogprobShaper, collect, stream
+from .answers import Answer, LogprobShaper, collect, stream
 from .backend import Backend
 from .config import GatewayConfig
 from .errors import APIError, install_error_handlers
-from .generation import UsageCounter, merge_choices, run_choice
+from .generation import merge_choices, run_choice
 from .metrics import GatewayMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .requests import choice_specs, logprobs_of, max_tokens_of, new_request_id
@@ -130,14 +130,11 @@ async def _serve(request: Request, body: SamplingFields, prompt_ids: list[int],
     max_tokens = max_tokens_of(body, len(prompt_ids), info.max_model_len)
     request_id = new_request_id("chatcmpl" if chat else "cmpl")
     specs = choice_specs(body, request_id, max_tokens)
-    usage = UsageCounter()
+    shape = LogprobShaper(chat, body.n) if logprobs_of(body) is not None else None
+    answer = Answer(request_id, info.model, chat, body.n, body.include_usage, shape)
     backend, metrics = request.app.state.backend, request.app.state.metrics
     events = merge_choices([
-        run_choice(backend, index, spec, prompt_ids, config.request_timeout_s, usage,
+        run_choice(backend, index, spec, prompt_ids, config.request_timeout_s, answer.usage,
                    metrics.choice())
         for index, spec in enumerate(specs)])
-    shape = LogprobShaper(chat, body.n) if logprobs_of(body) is not None else None
-    if body.stream:
-        return await stream(events, request_id, info.model, body, usage, chat, shape)
-    return JSONResponse(await collect(events, request_id, info.model, body.n, usage, chat,
-                                       shape))
+    return await (stream if body.stream else collect)(request, events, answer)

@@ -67,6 +67,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self._known_workers: list[WorkerInfo] = []
         self._redis_ok = True
         self._inflight: Counter[str] = Counter()  # our own requests per worker (heartbeats lag)
+        self._inflight_blocks: Counter[str] = Counter()  # their prompt blocks, per decode worker
         self._where: dict[str, list[worker_pb2_grpc.WorkerStub]] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -97,8 +98,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             return {}
 
     def _with_inflight(self, workers: list[WorkerInfo]) -> list[WorkerInfo]:
-        return [dataclasses.replace(w, running=w.running + self._inflight[w.worker_id])
-                for w in workers]
+        """Heartbeats lag, and this router knows its own requests exactly: a worker's load is
+        at least what we sent it (max, not sum: a heartbeat already counts what it saw)."""
+        return [dataclasses.replace(
+            w, running=max(w.running, self._inflight[w.worker_id]),
+            kv_blocks_free=min(w.kv_blocks_free,
+                               max(w.kv_blocks_total - self._inflight_blocks[w.worker_id], 0)))
+            for w in workers]
 
     def _stub(self, worker: WorkerInfo) -> worker_pb2_grpc.WorkerStub:
         if worker.address not in self._channels:
@@ -112,7 +118,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if not request.request_id or not request.prompt_token_ids:
             raise InvalidRequest("request_id and prompt_token_ids are required")
         rid, prompt = request.request_id, list(request.prompt_token_ids)
-        workers = self._with_inflight(await self._live_workers())
+        workers = await self._live_workers()
         prefills = [w for w in workers if w.serves("prefill")]
         decodes = [w for w in workers if w.serves("decode")]
         if not prefills or not decodes:
@@ -120,11 +126,16 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         block_size = decodes[0].block_size
         hashes = hash_full_blocks(prompt, block_size)
         cached = await self._cached_blocks(prefills[0].model, hashes, prefills)
-        decode = pick_decode_worker(decodes, -(-len(prompt) // block_size), self.config.weights)
-        prefill = pick_prefill_worker(prefills, cached, len(hashes), self.config.weights)
+        # From here to the in-flight update no await: concurrent requests must each see the
+        # load the ones before them added, or a burst lands on one worker.
+        needed = -(-len(prompt) // block_size)
+        decode = pick_decode_worker(self._with_inflight(decodes), needed, self.config.weights)
+        prefill = pick_prefill_worker(self._with_inflight(prefills), cached, len(hashes),
+                                      self.config.weights)
         timeout = (request.timeout_ms or self.config.default_timeout_ms) / 1000
         chosen = [decode] if decode.worker_id == prefill.worker_id else [prefill, decode]
         self._inflight.update(w.worker_id for w in chosen)
+        self._inflight_blocks[decode.worker_id] += needed
         try:
             async with asyncio.timeout(timeout):
                 if len(chosen) == 1:  # one worker doing both: no transfer at all
@@ -136,6 +147,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         yield batch
         finally:
             self._inflight.subtract(w.worker_id for w in chosen)
+            self._inflight_blocks[decode.worker_id] -= needed
             self._where.pop(rid, None)
 
     async def _colocated(self, rid, prompt, sampling, worker):

@@ -22,7 +22,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pagewire.engine.async_engine import AsyncEngine
 from pagewire.engine.kv_transfer import KV_DTYPES, KVLayout
 from pagewire.engine.llm_engine import LLMEngine
-from pagewire.services.grpc_errors import FailedPrecondition, InvalidRequest, NotFound, grpc_errors
+from pagewire.services.grpc_errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidRequest,
+    NotFound,
+    grpc_errors,
+)
 from pagewire.services.lifecycle import run_service
 from pagewire.services.worker.announcer import Announcer
 from pagewire.services.worker.config import WorkerConfig
@@ -60,6 +66,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             async for output in self.engine.stream(
                     rid, lambda e: e.add_request(rid, prompt, params, hold_kv=True)):
                 final = output
+            if final.outputs[0].finish_reason == "abort":
+                raise Aborted(f"{rid!r} was aborted during its prefill")
             try:
                 num_tokens, blocks = await self.engine.call(
                     lambda e: e.export_kv_blocks(rid, request.skip_blocks))
@@ -71,6 +79,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             start = time.perf_counter()
             await self._push_kv(request.decode_worker_address, header, blocks)
             elapsed_ms = int((time.perf_counter() - start) * 1000)
+        self.served += 1
         response = worker_pb2.PrefillResponse(
             first_token_id=completion.token_ids[0], cached_tokens=final.num_cached_tokens,
             kv_bytes=blocks.numel() * blocks.element_size(), kv_transfer_ms=elapsed_ms)
@@ -218,7 +227,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         arrived = self._transfers.get(rid)
         if arrived is not None and not arrived.done():
             arrived.set_exception(ConnectionAbortedError(f"{rid!r} was aborted"))
-        output = await self.engine.call(lambda e: e.abort_request(rid))
+        output = await self.engine.abort(rid)
         return common_pb2.AbortResponse(found=output is not None or arrived is not None)
 
     @grpc_errors

@@ -4,9 +4,9 @@ A worker's score is a weighted sum of small scorers, each a pure function return
 [0, 1] (prefix overlap, queue depth, free KV blocks); the weights live in `RoutingWeights`.
 Ties break by load, then worker id, so the choice is deterministic.
 
-Load comes from registry heartbeats, which lag. A router must fold the requests it has sent
-since a worker's last heartbeat into that worker's `running` (dataclasses.replace) before
-calling these functions, or a burst between heartbeats would all land on one worker.
+Load comes from registry heartbeats, which lag. A router must fold the requests it has in
+flight on a worker into that worker's `running` (dataclasses.replace) before calling these
+functions, or a burst between heartbeats would all land on one worker.
 With Redis down, the router passes cached_blocks={} and routing is by load alone.
 
 This module must never do I/O: no Redis, no gRPC, no clocks. Plain data in, a choice out.
@@ -23,7 +23,9 @@ from pagewire.cluster.registry import WorkerInfo
 class RoutingWeights:
     prefix: float = 1.0  # weight of the share of the prompt's blocks already cached
     queue: float = 0.5  # weight of idleness (running + waiting requests)
-    kv_free: float = 0.3  # weight of the share of KV blocks free
+    # Weight of the share of KV blocks free. Small: room is a constraint (a decode worker must
+    # fit the prompt) more than a preference, and it comes from heartbeats that lag.
+    kv_free: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("prefix", "queue", "kv_free"):
@@ -38,12 +40,10 @@ def prefix_score(num_cached_blocks: int, num_prompt_blocks: int) -> float:
     return min(max(num_cached_blocks, 0), num_prompt_blocks) / num_prompt_blocks
 
 
-def queue_score(running: int, waiting: int, max_queue: int = 64) -> float:
-    """1 for an idle worker, falling linearly to 0 at `max_queue` requests running or waiting."""
-    if max_queue <= 0:
-        raise ValueError(f"max_queue must be > 0, got {max_queue}")
-    load = max(running, 0) + max(waiting, 0)
-    return 1.0 - min(load, max_queue) / max_queue
+def queue_score(running: int, waiting: int) -> float:
+    """1 for an idle worker, 1/2 with one request, 1/3 with two...: every request counts, and
+    the first ones count most (a worker's step time grows with its batch, a queue's wait more)."""
+    return 1.0 / (1 + max(running, 0) + max(waiting, 0))
 
 
 def kv_free_score(free: int, total: int) -> float:

@@ -91,8 +91,15 @@ class AsyncEngine:
                 # The consumer left early (or submit failed): free whatever the engine holds.
                 self._commands.put((lambda e: e.abort_request(request_id), None, None))
 
-    async def abort(self, request_id: str) -> None:
-        await self.call(lambda e: e.abort_request(request_id))
+    async def abort(self, request_id: str) -> RequestOutput | None:
+        """Ends the request wherever it is and frees its blocks; its stream, if one is open,
+        gets the final (finish_reason "abort") output and ends."""
+        def abort_and_tell(engine: LLMEngine) -> RequestOutput | None:
+            output = engine.abort_request(request_id)
+            if output is not None:
+                self._deliver(request_id, output)
+            return output
+        return await self.call(abort_and_tell)
 
     # ---- the engine thread ------------------------------------------------------------------
 

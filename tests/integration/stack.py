@@ -62,8 +62,10 @@ class Stack:
         return await self.start_gateway(self.gateway_config)
 
     async def start_gateway(self, config: GatewayConfig) -> int:
+        # A request left running (its client gone) must not hold up the stack's shutdown.
         server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=0,
-                                               log_level="warning", lifespan="on"))
+                                               log_level="warning", lifespan="on",
+                                               timeout_graceful_shutdown=2))
         self._gateways = [*getattr(self, "_gateways", []), server]
         self._gateway_tasks = [*getattr(self, "_gateway_tasks", []),
                                asyncio.create_task(server.serve())]

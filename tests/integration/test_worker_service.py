@@ -159,3 +159,25 @@ def test_worker_announces_itself_and_its_prefix_cache(llm, redis_client, namespa
         ("w-test", f"127.0.0.1:{port}", "both")]
     assert held["w-test"] == len(prompt_ids) // 16
     assert WorkerRegistry(redis_client, namespace).workers() == []  # deregistered on stop
+
+
+def test_abort_ends_the_running_stream_and_frees_its_blocks():
+    sampling = common_pb2.SamplingOptions(temperature=0, max_tokens=400, ignore_eos=True)
+
+    async def scenario(prefill, decode, prefill_addr, decode_addr):
+        stream = decode.Generate(worker_pb2.GenerateRequest(
+            request_id="long", prompt_token_ids=[5, 6, 7, 8], sampling=sampling), timeout=30)
+        first = await stream.read()
+        aborted = await decode.Abort(common_pb2.AbortRequest(request_id="long"), timeout=5)
+        rest = []
+        async with asyncio.timeout(5):  # the stream must end, not wait for its deadline
+            while (message := await stream.read()) != grpc.aio.EOF:
+                rest.append(message)
+        stats = await decode.GetStats(worker_pb2.StatsRequest(), timeout=5)
+        return first, aborted, rest, stats
+
+    first, aborted, rest, stats = run(scenario)
+    assert aborted.found
+    assert rest[-1].finish_reason == common_pb2.FINISH_REASON_ABORT
+    assert len(first.token_ids) + sum(len(m.token_ids) for m in rest) < 400
+    assert free_blocks(stats) and stats.running == 0

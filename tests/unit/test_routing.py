@@ -35,11 +35,22 @@ def test_prefix_score(cached, prompt_blocks, expected):
 
 
 @pytest.mark.parametrize(
-    "running, waiting, max_queue, expected",
-    [(0, 0, 64, 1.0), (16, 16, 64, 0.5), (64, 0, 64, 0.0), (100, 50, 64, 0.0), (1, 0, 4, 0.75)],
+    "running, waiting, expected",
+    [(0, 0, 1.0), (1, 0, 0.5), (0, 1, 0.5), (2, 1, 0.25), (-3, 0, 1.0)],
 )
-def test_queue_score_is_one_when_idle(running, waiting, max_queue, expected):
-    assert queue_score(running, waiting, max_queue) == pytest.approx(expected)
+def test_queue_score_is_one_when_idle_and_falls_with_each_request(running, waiting, expected):
+    assert queue_score(running, waiting) == pytest.approx(expected)
+
+
+def test_one_queued_request_outweighs_a_stale_kv_share():
+    """A worker busy with one long request must lose to an idle one even if its heartbeat
+    reports more free KV than the idle one's."""
+    weights = RoutingWeights()
+    busy = WorkerInfo("busy", "decode", "a:1", "m", running=1, kv_blocks_free=90,
+                      kv_blocks_total=91)
+    idle = WorkerInfo("idle", "decode", "b:1", "m", running=0, kv_blocks_free=52,
+                      kv_blocks_total=91)
+    assert pick_decode_worker([busy, idle], 4, weights).worker_id == "idle"
 
 
 @pytest.mark.parametrize(
