@@ -214,3 +214,25 @@ def test_client_disconnect_aborts_a_non_streaming_request(tiers, model):
         httpx.post(f"http://127.0.0.1:{tiers.port}/v1/completions", json=body, timeout=1.5)
     stats = wait_until_idle(tiers, deadline_s=5.0)
     assert all(is_idle(s) for s in stats), stats
+
+
+def test_repeated_system_prompt_prefills_only_the_suffix(tiers, model):
+    system = ("You are the help desk of a small museum of clocks. Keep answers short, mention "
+              "the room where the clock stands, and invite the visitor to the Sunday tour. ") * 3
+    client = tiers.client()
+
+    def ask(question: str):
+        before = sum(s.num_computed_tokens for s in tiers.engine_stats()[:2])  # both prefills
+        response = client.chat.completions.create(
+            model=model, temperature=0, max_tokens=2,
+            messages=[{"role": "system", "content": system},
+                      {"role": "user", "content": question}])
+        computed = sum(s.num_computed_tokens for s in tiers.engine_stats()[:2]) - before
+        return response.usage, computed
+
+    first, first_computed = ask("Where is the cuckoo clock?")
+    second, second_computed = ask("When does the tour start?")
+    assert first_computed == first.prompt_tokens  # nothing cached yet: the whole prompt
+    cached = second.prompt_tokens_details.cached_tokens
+    assert cached >= 48
+    assert second_computed == second.prompt_tokens - cached  # the suffix only
