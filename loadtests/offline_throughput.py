@@ -86,6 +86,8 @@ def main() -> int:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--kernels", default="auto", choices=("auto", "torch"),
+                        help="auto: Triton on CUDA; torch: the torch path everywhere")
     parser.add_argument("--no-hf", action="store_true", help="time pagewire alone")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
@@ -95,7 +97,7 @@ def main() -> int:
     llm = LLM(model=args.model, load_format=args.load_format, dtype=args.dtype,
               device=args.device, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_model_len, show_progress=False)
+              max_model_len=args.max_model_len, kernels=args.kernels, show_progress=False)
     spec = llm.engine.runner.spec
     prompts = make_prompts(args.num_prompts, args.min_len, args.max_len, spec.vocab_size,
                            args.seed)
@@ -118,6 +120,7 @@ def main() -> int:
         "machine": machine_description(args.device),
         "command": " ".join(sys.argv),
         "model": llm.engine.source.name, "dtype": str(llm.engine.config.torch_dtype),
+        "kernels": "triton" if llm.engine.config.use_triton else "torch",
         "workload": {k: getattr(args, k) for k in
                      ("num_prompts", "min_len", "max_len", "new_tokens", "hf_batch", "seed")},
         "output_tokens_per_s": {k: v for k, v in results.items() if v},

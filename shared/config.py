@@ -20,6 +20,8 @@ _DTYPES = {
 }
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
+KERNELS = ("auto", "torch")
+
 
 def parse_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     """'auto' means float32 on CPU (no fast bf16 here) and bfloat16 on CUDA."""
@@ -63,6 +65,8 @@ class EngineConfig:
     """Token budget of one step (prefill chunks + decode tokens)."""
     enable_prefix_caching: bool = True
     show_progress: bool = True
+    kernels: str = "auto"
+    """auto: Triton kernels on CUDA, torch on CPU | torch: torch everywhere (a reference)."""
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
@@ -84,6 +88,13 @@ class EngineConfig:
             raise ValueError("kv_cache_memory_bytes must be > 0")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError("max_model_len must be >= 1")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
+
+    @property
+    def use_triton(self) -> bool:
+        """Whether the model runs the Triton kernels (kernels/): on CUDA unless told not to."""
+        return self.kernels == "auto" and self.device.startswith("cuda")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -69,7 +69,7 @@ class ModelRunner:
     def _load_model(self, source: ModelSource) -> LlamaForCausalLM:
         torch.manual_seed(self.config.seed)
         with torch.device(self.device):
-            model = LlamaForCausalLM(self.spec).to(self.dtype)
+            model = LlamaForCausalLM(self.spec, self.config.use_triton).to(self.dtype)
         if self.config.load_format == "dummy":
             init_dummy_weights(model, self.config.seed)
         else:

@@ -91,7 +91,7 @@ class ModelSpec:
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding):
+    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, use_triton: bool):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             spec.num_heads, spec.num_kv_heads, spec.head_dim)
@@ -101,11 +101,14 @@ class Attention(nn.Module):
                                   bias=spec.qkv_bias)
         self.o_proj = Linear(self.q_size, spec.hidden_size, bias=spec.o_bias)
         if spec.qk_norm:
-            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
-            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, use_triton)
+            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, use_triton)
         self.rotary = rotary
-        self.attn = TorchPagedAttention(spec.num_heads, spec.num_kv_heads, spec.head_dim,
-                                        scale=spec.head_dim**-0.5)
+        backend = TorchPagedAttention
+        if use_triton:  # imported only here: CPU installs have no triton
+            from pagewire.kernels.attention_backend import TritonPagedAttention as backend
+        self.attn = backend(spec.num_heads, spec.num_kv_heads, spec.head_dim,
+                            scale=spec.head_dim**-0.5)
 
     def forward(self, positions, hidden, kv_cache, meta: AttentionMetadata):
         qkv = self.qkv_proj(hidden)
@@ -120,22 +123,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, use_triton: bool):
         super().__init__()
+        self.use_triton = use_triton
         self.gate_up_proj = Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
         self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.use_triton))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding):
+    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, use_triton: bool):
         super().__init__()
-        self.self_attn = Attention(spec, rotary)
-        self.mlp = MLP(spec)
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec, rotary, use_triton)
+        self.mlp = MLP(spec, use_triton)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, use_triton)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, use_triton)
 
     def forward(self, positions, hidden, residual, kv_cache, meta):
         if residual is None:
@@ -148,14 +152,16 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, use_triton: bool = False):
+        """use_triton: the Triton kernels (kernels/) for attention and the small ops; CUDA only."""
         super().__init__()
         self.spec = spec
         rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta,
-                                 spec.rope_scaling)
+                                 spec.rope_scaling, use_triton)
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, rotary) for _ in range(spec.num_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(spec, rotary, use_triton)
+                                    for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, use_triton)
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One device-tool call: the GPU checks and benchmarks of the engine, outputs under $OUT.
+#   run: bash loadtests/gpu_session.sh [steps...]     (steps: kernels engine w1-llama w1-qwen
+#        w1-torch w1-hf; default: kernels engine w1-llama w1-qwen)
+# Makes `pagewire` importable from this checkout without pip (the device has no index): the
+# package-dir mapping of pyproject.toml, done with symlinks.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/pagewire-gpu}
+mkdir -p "$OUT" /tmp/pw
+ln -sfn "$PWD/kernels" shared/kernels
+ln -sfn "$PWD/services" shared/services
+ln -sfn "$PWD/shared" /tmp/pw/pagewire
+export PYTHONPATH=/tmp/pw:$PWD
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', \
+triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
+
+W1="--load-format dummy --dtype bfloat16 --device cuda --num-prompts 512 --min-len 128 \
+--max-len 1024 --new-tokens 256 --rounds 1 --no-hf --max-model-len 4096"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(kernels engine w1-llama w1-qwen)
+for step in "${steps[@]}"; do
+  echo "=== $step $(date -u +%H:%M:%S)"
+  case $step in
+    kernels) python loadtests/gpu_kernels_check.py --skip-timing 2>&1 | tail -25 ;;
+    engine) python loadtests/gpu_engine_check.py 2>&1 | tail -15 ;;
+    w1-llama) python loadtests/offline_throughput.py --model loadtests/configs/llama3-8b $W1 \
+                --json "$OUT/w1-llama3-8b-triton.json" 2>&1 | tail -8 ;;
+    w1-qwen) python loadtests/offline_throughput.py --model loadtests/configs/qwen3-0.6b $W1 \
+               --json "$OUT/w1-qwen3-0.6b-triton.json" 2>&1 | tail -8 ;;
+    w1-torch) python loadtests/offline_throughput.py --model loadtests/configs/llama3-8b $W1 \
+                --kernels torch --json "$OUT/w1-llama3-8b-torch.json" 2>&1 | tail -8 ;;
+    # W1 at a quarter of the requests, pagewire beside transformers' static batches of 128.
+    w1-hf) python loadtests/offline_throughput.py --model loadtests/configs/llama3-8b \
+             --load-format dummy --dtype bfloat16 --device cuda --num-prompts 128 --min-len 128 \
+             --max-len 1024 --new-tokens 256 --rounds 1 --hf-batch 128 --max-model-len 4096 \
+             --json "$OUT/w1-small-llama3-8b-vs-hf.json" 2>&1 | tail -8 ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
+echo "=== done $(date -u +%H:%M:%S)"
