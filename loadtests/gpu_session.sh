@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call: the GPU checks and benchmarks of the engine, outputs under $OUT.
 #   run: bash loadtests/gpu_session.sh [steps...]     (steps: kernels engine w1-llama w1-qwen
-#        w1-torch w1-hf; default: kernels engine w1-llama w1-qwen)
+#        w1-torch w1-hf graphs profile; default: kernels engine w1-llama w1-qwen)
 # Makes `pagewire` importable from this checkout without pip (the device has no index): the
 # package-dir mapping of pyproject.toml, done with symlinks.
 set -uo pipefail
@@ -36,6 +36,11 @@ for step in "${steps[@]}"; do
              --load-format dummy --dtype bfloat16 --device cuda --num-prompts 128 --min-len 128 \
              --max-len 1024 --new-tokens 256 --rounds 1 --hf-batch 128 --max-model-len 4096 \
              --json "$OUT/w1-small-llama3-8b-vs-hf.json" 2>&1 | tail -8 ;;
+    graphs) python loadtests/gpu_graph_check.py 2>&1 | grep -v "^pagewire:" ;;
+    profile) for budget in 2048 8192; do
+               python loadtests/profile_engine.py --model loadtests/configs/llama3-8b \
+                 --num-prompts 128 --max-num-batched-tokens $budget 2>&1 | grep -v "^pagewire:"
+             done ;;
     *) echo "unknown step $step" ;;
   esac
 done

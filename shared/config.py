@@ -67,6 +67,8 @@ class EngineConfig:
     show_progress: bool = True
     kernels: str = "auto"
     """auto: Triton kernels on CUDA, torch on CPU | torch: torch everywhere (a reference)."""
+    enforce_eager: bool = False
+    """Never replay CUDA graphs (they serve decode steps on the Triton path)."""
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
@@ -95,6 +97,10 @@ class EngineConfig:
     def use_triton(self) -> bool:
         """Whether the model runs the Triton kernels (kernels/): on CUDA unless told not to."""
         return self.kernels == "auto" and self.device.startswith("cuda")
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        return self.use_triton and not self.enforce_eager
 
     @property
     def torch_dtype(self) -> torch.dtype:

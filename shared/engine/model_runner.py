@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig
 
 from pagewire.config import EngineConfig
+from pagewire.engine.cuda_graphs import DecodeGraphs
 from pagewire.engine.scheduler import ScheduledBatch
 from pagewire.engine.sequence import Sequence
 from pagewire.model.attention import build_attention_metadata
@@ -64,6 +65,12 @@ class ModelRunner:
              self.spec.num_kv_heads, self.spec.head_dim),
             dtype=self.dtype, device=self.device)
         self.layer_caches = list(self.kv_cache.unbind(0))
+        self.decode_graphs = None
+        if config.use_cuda_graphs:
+            self.decode_graphs = DecodeGraphs(
+                self.model, self.layer_caches, config.max_num_seqs,
+                min(config.max_model_len or self.spec.max_context, self.spec.max_context),
+                config.block_size, self.device)
 
     @torch.inference_mode()
     def _load_model(self, source: ModelSource) -> LlamaForCausalLM:
@@ -138,14 +145,22 @@ class ModelRunner:
             if start + n == seq.num_tokens:  # all known tokens computed: sample the next
                 logit_rows.append(len(input_ids) - 1)
                 sampling_seqs.append(seq)
-        meta = build_attention_metadata(num_new, context_lens, [s.block_table for s in seqs],
-                                        self.config.block_size, self.device)
-        hidden = self.model(torch.tensor(input_ids, device=self.device),
-                            torch.tensor(positions, device=self.device),
-                            self.layer_caches, meta)
+        block_tables = [s.block_table for s in seqs]
+        graphs = self.decode_graphs
+        if graphs is not None and len(seqs) <= graphs.max_batch and \
+                len(input_ids) == len(seqs):  # decode only: one new token per sequence
+            hidden = graphs.run(input_ids, positions, context_lens, block_tables)
+        else:
+            meta = build_attention_metadata(num_new, context_lens, block_tables,
+                                            self.config.block_size, self.device)
+            hidden = self.model(torch.tensor(input_ids, device=self.device),
+                                torch.tensor(positions, device=self.device),
+                                self.layer_caches, meta)
         if not sampling_seqs:
             return StepResult([], None)
-        logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=self.device)])
+        if len(logit_rows) < hidden.shape[0]:
+            hidden = hidden[torch.tensor(logit_rows, device=self.device)]
+        logits = self.model.compute_logits(hidden)
         _mask_stops_before_min_tokens(logits, sampling_seqs)
         sampling = SamplingMetadata.build(
             [s.params for s in sampling_seqs],
