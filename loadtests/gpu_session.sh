@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call: the GPU checks and benchmarks of the engine, outputs under $OUT.
 #   run: bash loadtests/gpu_session.sh [steps...]     (steps: kernels engine w1-llama w1-qwen
-#        w1-torch w1-hf graphs profile; default: kernels engine w1-llama w1-qwen)
+#        w1-torch w1-hf w1-llama-8k graphs profile; default: kernels engine w1-llama w1-qwen)
 # Makes `pagewire` importable from this checkout without pip (the device has no index): the
 # package-dir mapping of pyproject.toml, done with symlinks.
 set -uo pipefail
@@ -31,13 +31,18 @@ for step in "${steps[@]}"; do
                --json "$OUT/w1-qwen3-0.6b-triton.json" 2>&1 | tail -8 ;;
     w1-torch) python loadtests/offline_throughput.py --model loadtests/configs/llama3-8b $W1 \
                 --kernels torch --json "$OUT/w1-llama3-8b-torch.json" 2>&1 | tail -8 ;;
-    # W1 at a quarter of the requests, pagewire beside transformers' static batches of 128.
+    w1-llama-8k) python loadtests/offline_throughput.py --model loadtests/configs/llama3-8b $W1 \
+                   --max-num-batched-tokens 8192 \
+                   --json "$OUT/w1-llama3-8b-triton-8k.json" 2>&1 | tail -8 ;;
+    # W1 at a quarter of the requests, pagewire beside transformers' static batches of 64 (128
+    # runs out of memory beside pagewire's own weights and cache on one 80 GB GPU).
     w1-hf) python loadtests/offline_throughput.py --model loadtests/configs/llama3-8b \
              --load-format dummy --dtype bfloat16 --device cuda --num-prompts 128 --min-len 128 \
-             --max-len 1024 --new-tokens 256 --rounds 1 --hf-batch 128 --max-model-len 4096 \
+             --max-len 1024 --new-tokens 256 --rounds 1 --hf-batch 64 --max-model-len 4096 \
+             --gpu-memory-utilization 0.35 \
              --json "$OUT/w1-small-llama3-8b-vs-hf.json" 2>&1 | tail -8 ;;
     graphs) python loadtests/gpu_graph_check.py 2>&1 | grep -v "^pagewire:" ;;
-    profile) for budget in 2048 8192; do
+    profile) for budget in 2048; do
                python loadtests/profile_engine.py --model loadtests/configs/llama3-8b \
                  --num-prompts 128 --max-num-batched-tokens $budget 2>&1 | grep -v "^pagewire:"
              done ;;

@@ -84,8 +84,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="pagewire's share of the GPU (leave room for transformers)")
     parser.add_argument("--kernels", default="auto", choices=("auto", "torch"),
                         help="auto: Triton on CUDA; torch: the torch path everywhere")
     parser.add_argument("--no-hf", action="store_true", help="time pagewire alone")
@@ -97,7 +99,8 @@ def main() -> int:
     llm = LLM(model=args.model, load_format=args.load_format, dtype=args.dtype,
               device=args.device, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_model_len, kernels=args.kernels, show_progress=False)
+              max_model_len=args.max_model_len, kernels=args.kernels,
+              gpu_memory_utilization=args.gpu_memory_utilization, show_progress=False)
     spec = llm.engine.runner.spec
     prompts = make_prompts(args.num_prompts, args.min_len, args.max_len, spec.vocab_size,
                            args.seed)

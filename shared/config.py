@@ -61,8 +61,8 @@ class EngineConfig:
     """Context limit (prompt + output); defaults to the model's max_position_embeddings."""
     max_num_seqs: int = 256
     """Most sequences in one step."""
-    max_num_batched_tokens: int = 2048
-    """Token budget of one step (prefill chunks + decode tokens)."""
+    max_num_batched_tokens: int | None = None
+    """Token budget of one step (prefill chunks + decode tokens); None: `token_budget`."""
     enable_prefix_caching: bool = True
     show_progress: bool = True
     kernels: str = "auto"
@@ -80,7 +80,7 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
             )
@@ -97,6 +97,15 @@ class EngineConfig:
     def use_triton(self) -> bool:
         """Whether the model runs the Triton kernels (kernels/): on CUDA unless told not to."""
         return self.kernels == "auto" and self.device.startswith("cuda")
+
+    @property
+    def token_budget(self) -> int:
+        """max_num_batched_tokens, or its default: 8192 on CUDA, where a step's fixed costs
+        (weights read, launches) favour big prefill chunks (W1 on an H100: 5,956 tok/s against
+        4,949 at 2048); 2048 on CPU, where a big chunk holds the decodes beside it back."""
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return 8192 if self.device.startswith("cuda") else 2048
 
     @property
     def use_cuda_graphs(self) -> bool:

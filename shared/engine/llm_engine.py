@@ -64,7 +64,7 @@ class LLMEngine:
         self.block_manager = BlockManager(kv.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens)
+                                   config.token_budget)
         self.eos_token_ids = eos_token_ids(self.source, self.tokenizer)
         self.kv_layout = KVLayout(self.source.name, dtype_name(config.torch_dtype),
                                   config.block_size, spec.num_layers, spec.num_kv_heads,

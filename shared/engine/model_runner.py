@@ -107,7 +107,7 @@ class ModelRunner:
         """What gpu_memory_utilization leaves after the weights and a full-budget forward."""
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        num_tokens = self.config.max_num_batched_tokens
+        num_tokens = self.config.token_budget
         num_blocks = -(-num_tokens // self.config.block_size)
         scratch = torch.zeros((self.spec.num_layers, 2, num_blocks, self.config.block_size,
                                self.spec.num_kv_heads, self.spec.head_dim),
