@@ -24,7 +24,7 @@ class Stack:
     processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
 
     def start(self, name: str, argv: list[str]) -> None:
-        process = subprocess.Popen(argv, start_new_session=True)
+        process = subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent)
         self.processes.append((name, process))
 
     def check_alive(self) -> None:
@@ -43,6 +43,17 @@ class Stack:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def _die_with_parent() -> None:
+    """Linux: the service gets SIGTERM if `pagewire up` itself dies, even by SIGKILL, so a
+    killed launcher never leaves services behind (each runs in its own session, out of reach
+    of a signal sent to the launcher's process group)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -115,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    # Also SIGINT: a shell starting us in the background leaves it ignored, and Python then
+    # never turns it into KeyboardInterrupt.
+    signal.signal(signal.SIGINT, on_signal)
     try:
         redis_url = _redis(args, stack)
         if redis_url is None:

@@ -52,3 +52,44 @@ def test_up_serves_the_openai_api_and_stops_everything(llm):
     time.sleep(0.5)
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+
+
+def _services_of(launcher_pid: int) -> list[str]:
+    """PIDs of the service processes one `pagewire up` started (its Redis namespace)."""
+    found = subprocess.run(["pgrep", "-f", f"pagewire-up-{launcher_pid}"], capture_output=True,
+                           text=True)
+    return found.stdout.split()
+
+
+@pytest.mark.parametrize("how", ["SIGINT while ignored at start", "SIGKILL"])
+def test_no_service_outlives_the_launcher(how):
+    """A shell that starts `up` in the background leaves SIGINT ignored; a supervisor may
+    SIGKILL it. Either way every service it started must go, not linger as an orphan."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pagewire.cli", "up", "--port", str(port),
+         "--kv-cache-bytes", str(400 << 20)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    ready = threading.Event()
+
+    def read():
+        for line in process.stdout:
+            if "serving on http://" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(240), "pagewire up did not come up"
+        assert len(_services_of(process.pid)) >= 3  # two workers and the router
+        os.kill(process.pid, signal.SIGINT if how.startswith("SIGINT") else signal.SIGKILL)
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while _services_of(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _services_of(process.pid) == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+        for pid in _services_of(process.pid):
+            os.kill(int(pid), signal.SIGKILL)
