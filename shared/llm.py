@@ -90,7 +90,7 @@ class LLM:
         show = use_tqdm and self.engine.config.show_progress and total > 1
         with tqdm(total=total, desc="Generating", unit="req", disable=not show) as bar:
             while self.engine.has_unfinished_requests():
-                for output in self.engine.step():
+                for output in self.engine.step(finished_only=True):
                     if output.finished:
                         finished[output.request_id] = output
                         bar.update(1)

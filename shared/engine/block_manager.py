@@ -98,19 +98,22 @@ class BlockManager:
         return True
 
     def cache_full_blocks(
-        self, block_table: Sequence[int], block_hashes: Sequence[int], num_computed_tokens: int
+        self, block_table: Sequence[int], block_hashes: Sequence[int], num_computed_tokens: int,
+        first_block: int = 0,
     ) -> None:
-        """Register block_hashes[i] -> block_table[i] for every full block whose KV is computed.
+        """Register block_hashes[i] -> block_table[i] for every full block whose KV is computed,
+        from first_block on (the scheduler passes the first block that filled this step, so a
+        step costs O(new blocks), not O(prefix)).
 
         Idempotent. When a hash already maps to another block (two sequences computed the same
         content), the existing mapping stays and this block is left unregistered.
-        Walks the whole computed prefix each call: O(blocks), a dict lookup per block.
         """
         if not self.enable_prefix_caching:
             return
         num_full_blocks = min(len(block_hashes), num_computed_tokens // self.block_size)
         assert num_full_blocks <= len(block_table), "computed tokens beyond the block table"
-        computed = zip(block_table[:num_full_blocks], block_hashes[:num_full_blocks], strict=True)
+        computed = zip(block_table[first_block:num_full_blocks],
+                       block_hashes[first_block:num_full_blocks], strict=True)
         for block_id, block_hash in computed:
             block = self.blocks[block_id]
             assert block.ref_count > 0, f"caching block {block_id} that nobody holds"

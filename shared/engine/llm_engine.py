@@ -137,8 +137,9 @@ class LLMEngine:
 
     # ---- the step ---------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Runs one step; returns an output for every request that got a token or finished."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Runs one step; returns an output for every request that got a token or finished
+        (only those that finished with finished_only: building the others costs per step)."""
         batch = self.scheduler.schedule()
         self.stats.num_preemptions += len(batch.preempted)
         if not batch:
@@ -159,7 +160,8 @@ class LLMEngine:
                     sampled, top = logprobs[row]
                     seq.output_logprobs.append((sampled, top[:seq.params.logprobs]))
                 self._after_token(seq, token_ids[row])
-                outputs.append(self._output(seq))
+                if seq.is_finished or not finished_only:
+                    outputs.append(self._output(seq))
                 if seq.is_finished and not seq.hold_kv:
                     self._forget(seq)
         return outputs

@@ -110,10 +110,13 @@ class Scheduler:
 
     def commit_step(self, batch: ScheduledBatch) -> None:
         """After the forward: the scheduled tokens now have KV; full blocks join the cache."""
+        block_size = self.block_manager.block_size
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            old_full = seq.num_computed_tokens // block_size
             seq.num_computed_tokens += num_new
-            self.block_manager.cache_full_blocks(seq.block_table, seq.block_hashes,
-                                                 seq.num_computed_tokens)
+            if seq.num_computed_tokens // block_size > old_full:  # a block just filled
+                self.block_manager.cache_full_blocks(seq.block_table, seq.block_hashes,
+                                                     seq.num_computed_tokens, old_full)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Ends a sequence wherever it is; frees its blocks unless it holds them for export."""
