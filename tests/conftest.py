@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Kernel tests run Triton's interpreter on CPU. Triton jits its own library (tl.sum's combine
+# function...) when it is first imported, in whatever mode TRITON_INTERPRET says then, and any
+# test may import it first (transformers probes for it): so it is set here, before them all.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Two cores: keep torch from oversubscribing them when pytest and a helper both compute.
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import threading
 import uuid
 
@@ -114,3 +115,10 @@ class Stack:
             client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
             delete_namespace(client, self.namespace)
             client.close()
+            # Each worker holds a model and a KV cache: let a finished stack's memory go, or a
+            # whole test session grows by gigabytes (CI runs on 24 GB).
+            self.workers, self.tokenizer, self.router = [], None, None
+            self._gateways, self._gateway_tasks = [], []
+            if not self._thread.is_alive():
+                self.loop.close()
+            gc.collect()

@@ -1,7 +1,8 @@
 """Kernel tests run every Triton kernel on CPU tensors through Triton's interpreter.
 
-TRITON_INTERPRET must be set before any kernel module is imported (triton.jit reads it when
-it decorates), so it is set here, at collection, whenever no CUDA device is present.
+TRITON_INTERPRET must be set before triton is first imported (its own library functions are
+jitted then): tests/conftest.py sets it for the whole session; this repeats it for a run that
+starts here.
 """
 
 from __future__ import annotations
