@@ -27,120 +27,36 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import torch
+from local_stack import CONFIGS, PipelineProcess  # beside this script
+
+from pagewire.bench.client import (
+    COMPLETIONS_PATH,
+    RequestResult,
+    completion_body,
+    new_client,
+    stream_request,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-# `pagewire up` flags per configuration
-CONFIGS = {
-    "disagg": ["--prefill", "1", "--decode", "1"],
-    "colocated": ["--prefill", "0", "--decode", "0", "--colocated", "1"],
-}
-READY_TIMEOUT_S = 300.0
 
 
-# ---- the stack under test --------------------------------------------------------------------
-
-class PipelineProcess:
-    """`pagewire up` in its own process group; `url` once it says it serves."""
-
-    def __init__(self, config: str, kv_cache_bytes: int, model: str | None, verbose: bool):
-        from pagewire.launcher import free_port
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        argv = [sys.executable, "-m", "pagewire.cli", "up", "--port", str(self.port),
-                "--kv-cache-bytes", str(kv_cache_bytes), *CONFIGS[config]]
-        if model:
-            argv += ["--model", model]
-        self.command = " ".join(["pagewire", *argv[3:]])
-        self._process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                         text=True, start_new_session=True)
-        self._log: deque[str] = deque(maxlen=40)
-        self._ready = threading.Event()
-        self._verbose = verbose
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self._process.stdout:
-            self._log.append(line)
-            if self._verbose:
-                print(f"  [up] {line}", end="", flush=True)
-            if "serving on http://" in line:
-                self._ready.set()
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not self._ready.wait(0.5):
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"`{self.command}` did not come up:\n" + "".join(self._log))
-
-    def stop(self) -> None:
-        if self._process.poll() is None:
-            os.killpg(self._process.pid, signal.SIGINT)  # what Ctrl-C sends: `up` stops all
-        try:
-            self._process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self._process.pid, signal.SIGKILL)
-            self._process.wait()
-
-
-# ---- one streamed request --------------------------------------------------------------------
-
-@dataclass
-class Streamed:
-    ttft_s: float
-    total_s: float
-    completion_tokens: int
-    cached_tokens: int
-    text: str
-
-    @property
-    def tpot_s(self) -> float | None:
-        """Mean time per output token after the first."""
-        if self.completion_tokens < 2:
-            return None
-        return (self.total_s - self.ttft_s) / (self.completion_tokens - 1)
-
+# ---- one streamed request (pagewire bench's client: timed as `vllm bench serve` times it) ----
 
 async def stream_completion(client: httpx.AsyncClient, model: str, prompt: list[int],
-                            max_tokens: int) -> Streamed:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    ttft, usage, texts = None, None, []
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {await response.aread()!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            ttft = ttft if ttft is not None else time.perf_counter() - start
-            chunk = json.loads(line[len("data: "):])
-            if "error" in chunk:
-                raise RuntimeError(f"the stream failed: {chunk['error']}")
-            texts += [choice["text"] for choice in chunk["choices"]]
-            usage = chunk.get("usage") or usage
-    if ttft is None or usage is None:
-        raise RuntimeError("the stream ended without tokens or usage")
-    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    return Streamed(ttft, time.perf_counter() - start, usage["completion_tokens"], cached,
-                    "".join(texts))
-
-
-def new_client(url: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0, connect=10.0),
-                             limits=httpx.Limits(max_connections=None))
+                            max_tokens: int) -> RequestResult:
+    body = completion_body(model, prompt, max_tokens, ignore_eos=True, temperature=0)
+    result = await stream_request(client, COMPLETIONS_PATH, body)
+    if not result.ok:
+        raise RuntimeError(result.error)
+    return result
 
 
 # ---- the two workloads -----------------------------------------------------------------------
@@ -155,7 +71,7 @@ def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[in
 class Saturation:
     output_tokens_per_s: float
     elapsed_s: float
-    requests: list[Streamed] = field(repr=False)
+    requests: list[RequestResult] = field(repr=False)
 
 
 async def saturate(url: str, model: str, prompts: list[list[int]], output_len: int) -> Saturation:
@@ -164,10 +80,10 @@ async def saturate(url: str, model: str, prompts: list[list[int]], output_len: i
         requests = await asyncio.gather(*[stream_completion(client, model, p, output_len)
                                           for p in prompts])
         elapsed = time.perf_counter() - start
-    wrong = [r.completion_tokens for r in requests if r.completion_tokens != output_len]
+    wrong = [r.output_tokens for r in requests if r.output_tokens != output_len]
     if wrong:
         raise RuntimeError(f"asked for {output_len} tokens each, some got {wrong}")
-    return Saturation(sum(r.completion_tokens for r in requests) / elapsed, elapsed, requests)
+    return Saturation(sum(r.output_tokens for r in requests) / elapsed, elapsed, requests)
 
 
 def run_offline(llm, prompts: list[list[int]], output_len: int) -> tuple[float, list[str]]:
@@ -260,7 +176,7 @@ def measure(args, llm, stacks: dict[str, PipelineProcess]) -> dict:
 
 def describe_run(result: Saturation, offline_texts: list[str]) -> dict:
     ttfts = sorted(r.ttft_s for r in result.requests)
-    tpots = sorted(t for r in result.requests if (t := r.tpot_s) is not None)
+    tpots = sorted(r.tpot_s for r in result.requests if r.output_tokens > 1)
     return {"output_tokens_per_s": result.output_tokens_per_s, "elapsed_s": result.elapsed_s,
             "median_ttft_ms": statistics.median(ttfts) * 1000,
             "p90_ttft_ms": quantile(ttfts, 0.9) * 1000,

@@ -1,6 +1,7 @@
 """The `pagewire` command: `pagewire generate` (one-shot generation, offline engine) and
 `pagewire serve ROLE` (one service alone: what compose runs) and `pagewire up` (the whole
-pipeline on this machine)."""
+pipeline on this machine) and `pagewire bench serve|sweep` (the serving benchmark, against any
+OpenAI-compatible server)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
     # `up` and `serve` hand their own flags to the launcher / the service (see main()).
     commands.add_parser("up", help="run the whole pipeline locally (see pagewire up -h)")
+    commands.add_parser("bench", help="benchmark a server: serve | sweep (see pagewire bench -h)")
     serve = commands.add_parser("serve", help="run one service (flags also read env vars)")
     serve.add_argument("role", choices=sorted(SERVICES), help="which service")
     serve.add_argument("service_args", nargs=argparse.REMAINDER,
@@ -83,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         from pagewire.launcher import main as up
 
         return up(argv[1:])
+    if argv[:1] == ["bench"]:
+        from pagewire.bench.cli import main as bench
+
+        return bench(argv[1:])
     if argv[:1] == ["serve"] and len(argv) > 1 and argv[1] in SERVICES:
         return _serve(argparse.Namespace(role=argv[1], service_args=argv[2:]))
     args = build_parser().parse_args(argv)
