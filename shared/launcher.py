@@ -16,6 +16,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
+from pagewire.cluster.routing import ROUTING_POLICIES
+
 READY_TIMEOUT_S = 300.0
 
 
@@ -106,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--redis-url", default=os.environ.get("PAGEWIRE_REDIS_URL",
                                                               "redis://127.0.0.1:6379/0"))
     parser.add_argument("--api-key", default=os.environ.get("PAGEWIRE_API_KEY"))
+    parser.add_argument("--routing", default=os.environ.get("PAGEWIRE_ROUTING_POLICY", "prefix"),
+                        choices=ROUTING_POLICIES, help="how the router picks prefill workers")
     parser.add_argument("--kv-cache-bytes", type=int, default=None,
                         help="KV cache budget per worker")
     return parser
@@ -184,7 +188,8 @@ def _start_services(args, stack: Stack, redis_url: str) -> None:
                 "--redis-namespace", namespace] + model + extra)
             workers.append(f"127.0.0.1:{port}")
     stack.start("router", serve + ["router", "--port", str(router_port), "--redis-url",
-                                   redis_url, "--redis-namespace", namespace])
+                                   redis_url, "--redis-namespace", namespace,
+                                   "--policy", args.routing])
     for name, address in [("tokenizer", f"127.0.0.1:{tokenizer_port}"),
                           ("router", f"127.0.0.1:{router_port}")] + \
             [("worker", a) for a in workers]:

@@ -22,7 +22,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pagewire.cluster.prefix_index import PrefixIndex
 from pagewire.cluster.registry import WorkerInfo, WorkerRegistry
-from pagewire.cluster.routing import RoutingWeights, pick_decode_worker, pick_prefill_worker
+from pagewire.cluster.routing import (
+    ROUTING_POLICIES,
+    RoutingWeights,
+    pick_decode_worker,
+    pick_prefill_worker,
+)
 from pagewire.engine.prefix_hash import hash_full_blocks
 from pagewire.services.grpc_errors import InvalidRequest, Unavailable, grpc_errors
 from pagewire.services.lifecycle import run_service
@@ -43,17 +48,25 @@ class RouterConfig:
     transfer_timeout_ms: int = 30_000
     """How long a decode worker holds a reservation for KV that has not come."""
     weights: RoutingWeights = RoutingWeights()
+    policy: str = "prefix"
+    """How the prefill worker is chosen: prefix (longest cached prefix against load) or
+    round-robin (in turn, blind to caches: the baseline prefix-aware routing is measured
+    against)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535]; got {self.port}")
+        if self.policy not in ROUTING_POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(ROUTING_POLICIES)}; "
+                             f"got {self.policy!r}")
 
     @classmethod
     def from_env(cls, environ=os.environ) -> RouterConfig:
         return cls(host=environ.get("PAGEWIRE_ROUTER_HOST", "127.0.0.1"),
                    port=int(environ.get("PAGEWIRE_ROUTER_PORT", "50071")),
                    redis_url=environ.get("PAGEWIRE_REDIS_URL", "redis://127.0.0.1:6379/0"),
-                   redis_namespace=environ.get("PAGEWIRE_REDIS_NAMESPACE", "pagewire"))
+                   redis_namespace=environ.get("PAGEWIRE_REDIS_NAMESPACE", "pagewire"),
+                   policy=environ.get("PAGEWIRE_ROUTING_POLICY", "prefix"))
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -68,6 +81,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self._redis_ok = True
         self._inflight: Counter[str] = Counter()  # our own requests per worker (heartbeats lag)
         self._inflight_blocks: Counter[str] = Counter()  # their prompt blocks, per decode worker
+        self._turn = 0  # round-robin policy only
         self._where: dict[str, list[worker_pb2_grpc.WorkerStub]] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -125,13 +139,19 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             raise Unavailable("no live prefill and decode workers are registered")
         block_size = decodes[0].block_size
         hashes = hash_full_blocks(prompt, block_size)
-        cached = await self._cached_blocks(prefills[0].model, hashes, prefills)
+        round_robin = self.config.policy == "round-robin"
+        cached = {} if round_robin else await self._cached_blocks(prefills[0].model, hashes,
+                                                                   prefills)
         # From here to the in-flight update no await: concurrent requests must each see the
         # load the ones before them added, or a burst lands on one worker.
         needed = -(-len(prompt) // block_size)
         decode = pick_decode_worker(self._with_inflight(decodes), needed, self.config.weights)
-        prefill = pick_prefill_worker(self._with_inflight(prefills), cached, len(hashes),
-                                      self.config.weights)
+        if round_robin:
+            prefill = sorted(prefills, key=lambda w: w.worker_id)[self._turn % len(prefills)]
+            self._turn += 1
+        else:
+            prefill = pick_prefill_worker(self._with_inflight(prefills), cached, len(hashes),
+                                          self.config.weights)
         timeout = (request.timeout_ms or self.config.default_timeout_ms) / 1000
         chosen = [decode] if decode.worker_id == prefill.worker_id else [prefill, decode]
         self._inflight.update(w.worker_id for w in chosen)
@@ -262,9 +282,12 @@ def parse_args(argv: Sequence[str] | None) -> RouterConfig:
     parser.add_argument("--redis-url", default=defaults.redis_url, help="env PAGEWIRE_REDIS_URL")
     parser.add_argument("--redis-namespace", default=defaults.redis_namespace,
                         help="env PAGEWIRE_REDIS_NAMESPACE")
+    parser.add_argument("--policy", default=defaults.policy, choices=ROUTING_POLICIES,
+                        help="how prefill workers are chosen (env PAGEWIRE_ROUTING_POLICY)")
     args = parser.parse_args(argv)
     return dataclasses.replace(defaults, host=args.host, port=args.port,
-                               redis_url=args.redis_url, redis_namespace=args.redis_namespace)
+                               redis_url=args.redis_url, redis_namespace=args.redis_namespace,
+                               policy=args.policy)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

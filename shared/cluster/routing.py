@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from pagewire.cluster.registry import WorkerInfo
 
+ROUTING_POLICIES = ("prefix", "round-robin")  # how a router picks prefill workers
+
 
 @dataclass(frozen=True)
 class RoutingWeights:

@@ -38,7 +38,9 @@ ENGINE = EngineConfig(kv_cache_memory_bytes=64 << 20, max_model_len=1024, show_p
 class Stack:
     """The whole serving pipeline in one background loop; `client()` talks to its gateway."""
 
-    def __init__(self, roles: tuple[str, ...], api_key: str | None = None) -> None:
+    def __init__(self, roles: tuple[str, ...], api_key: str | None = None,
+                 routing_policy: str = "prefix") -> None:
+        self._routing_policy = routing_policy
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
@@ -55,6 +57,7 @@ class Stack:
             role=role, port=0, engine=ENGINE, redis_url=REDIS_URL,
             redis_namespace=self.namespace)) for role in self._roles]
         self.router = await serve_router(RouterConfig(port=0, redis_url=REDIS_URL,
+                                                      policy=self._routing_policy,
                                                       redis_namespace=self.namespace))
         self.gateway_config = GatewayConfig(
             port=0, tokenizer_address=f"127.0.0.1:{self.tokenizer.bound_port}",
