@@ -17,6 +17,9 @@ from collections import deque
 CONFIGS = {
     "disagg": ["--prefill", "1", "--decode", "1"],
     "colocated": ["--prefill", "0", "--decode", "0", "--colocated", "1"],
+    # Two prefill workers behind each routing policy (issue 5: prefix-aware vs round-robin).
+    "prefix-routing": ["--prefill", "2", "--decode", "1", "--routing", "prefix"],
+    "round-robin": ["--prefill", "2", "--decode", "1", "--routing", "round-robin"],
 }
 READY_TIMEOUT_S = 300.0
 
