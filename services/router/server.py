@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from pagewire.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, wor
 
 logger = logging.getLogger(__name__)
 PREFILL_ATTEMPTS = 2
+DECODE_ATTEMPTS = 2
+SUSPECT_S = 10.0  # longer than the registry's TTL: by then a dead worker's entry is gone
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self._inflight: Counter[str] = Counter()  # our own requests per worker (heartbeats lag)
         self._inflight_blocks: Counter[str] = Counter()  # their prompt blocks, per decode worker
         self._turn = 0  # round-robin policy only
+        self._suspects: dict[str, float] = {}  # worker id -> until when it is skipped
         self._where: dict[str, list[worker_pb2_grpc.WorkerStub]] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -132,39 +136,58 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if not request.request_id or not request.prompt_token_ids:
             raise InvalidRequest("request_id and prompt_token_ids are required")
         rid, prompt = request.request_id, list(request.prompt_token_ids)
-        workers = await self._live_workers()
+        workers = [w for w in await self._live_workers() if not self._is_suspect(w)]
         prefills = [w for w in workers if w.serves("prefill")]
         decodes = [w for w in workers if w.serves("decode")]
         if not prefills or not decodes:
             raise Unavailable("no live prefill and decode workers are registered")
-        block_size = decodes[0].block_size
-        hashes = hash_full_blocks(prompt, block_size)
+        hashes = hash_full_blocks(prompt, decodes[0].block_size)
         round_robin = self.config.policy == "round-robin"
         cached = {} if round_robin else await self._cached_blocks(prefills[0].model, hashes,
                                                                    prefills)
-        # From here to the in-flight update no await: concurrent requests must each see the
-        # load the ones before them added, or a burst lands on one worker.
-        needed = -(-len(prompt) // block_size)
+        timeout = (request.timeout_ms or self.config.default_timeout_ms) / 1000
+        async with asyncio.timeout(timeout):
+            for attempt in range(DECODE_ATTEMPTS):
+                try:
+                    async for batch in self._route(rid, prompt, request.sampling, prefills,
+                                                   decodes, cached, len(hashes)):
+                        yield batch
+                    return
+                except _Unreachable as lost:  # before any token: another decode worker
+                    self._suspects[lost.worker.worker_id] = time.monotonic() + SUSPECT_S
+                    decodes = [w for w in decodes if w.worker_id != lost.worker.worker_id]
+                    prefills = [w for w in prefills if w.worker_id != lost.worker.worker_id]
+                    if not decodes or not prefills or attempt + 1 == DECODE_ATTEMPTS:
+                        raise lost.error from None
+                    logger.warning("decode worker %s unreachable; retrying elsewhere",
+                                   lost.worker.worker_id)
+
+    def _is_suspect(self, worker: WorkerInfo) -> bool:
+        """A worker that refused a connection is skipped until the registry catches up."""
+        return self._suspects.get(worker.worker_id, 0.0) > time.monotonic()
+
+    async def _route(self, rid, prompt, sampling, prefills, decodes, cached, num_full_blocks):
+        # From the picks to the in-flight update no await: concurrent requests must each see
+        # the load the ones before them added, or a burst lands on one worker.
+        needed = -(-len(prompt) // decodes[0].block_size)
         decode = pick_decode_worker(self._with_inflight(decodes), needed, self.config.weights)
-        if round_robin:
+        if self.config.policy == "round-robin":
             prefill = sorted(prefills, key=lambda w: w.worker_id)[self._turn % len(prefills)]
             self._turn += 1
         else:
-            prefill = pick_prefill_worker(self._with_inflight(prefills), cached, len(hashes),
-                                          self.config.weights)
-        timeout = (request.timeout_ms or self.config.default_timeout_ms) / 1000
+            prefill = pick_prefill_worker(self._with_inflight(prefills), cached,
+                                          num_full_blocks, self.config.weights)
         chosen = [decode] if decode.worker_id == prefill.worker_id else [prefill, decode]
         self._inflight.update(w.worker_id for w in chosen)
         self._inflight_blocks[decode.worker_id] += needed
         try:
-            async with asyncio.timeout(timeout):
-                if len(chosen) == 1:  # one worker doing both: no transfer at all
-                    async for batch in self._colocated(rid, prompt, request.sampling, decode):
-                        yield batch
-                else:
-                    async for batch in self._disaggregated(rid, prompt, request.sampling,
-                                                           prefill, decode, prefills):
-                        yield batch
+            if len(chosen) == 1:  # one worker doing both: no transfer at all
+                async for batch in self._colocated(rid, prompt, sampling, decode):
+                    yield batch
+            else:
+                async for batch in self._disaggregated(rid, prompt, sampling, prefill, decode,
+                                                       prefills):
+                    yield batch
         finally:
             self._inflight.subtract(w.worker_id for w in chosen)
             self._inflight_blocks[decode.worker_id] -= needed
@@ -175,8 +198,16 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self._where[rid] = [stub]
         stream = stub.Generate(worker_pb2.GenerateRequest(
             request_id=rid, prompt_token_ids=prompt, sampling=sampling))
-        async for batch in _relay(stream, worker, lambda m: m):
-            yield batch
+        try:
+            first = await stream.read()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:  # no token yet: go elsewhere
+                raise _Unreachable(worker, _lost(worker, exc)) from None
+            raise _lost(worker, exc) from None
+        if first != grpc.aio.EOF:
+            yield first
+            async for batch in _relay(stream, worker, lambda m: m):
+                yield batch
 
     async def _disaggregated(self, rid, prompt, sampling, prefill, decode, prefills):
         decode_stub = self._stub(decode)
@@ -185,7 +216,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             transfer_timeout_ms=self.config.transfer_timeout_ms))
         self._where[rid] = [decode_stub]
         try:
-            first = await stream.read()
+            try:
+                first = await stream.read()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:  # nothing reserved: go elsewhere
+                    raise _Unreachable(decode, _lost(decode, exc)) from None
+                raise
             if first == grpc.aio.EOF or not first.HasField("reserved"):
                 raise Unavailable(f"decode worker {decode.worker_id} did not reserve")
             prefilled = await self._prefill_with_retry(rid, prompt, sampling, prefill, prefills,
@@ -240,6 +276,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                                     kv_blocks_free=w.kv_blocks_free,
                                     kv_blocks_total=w.kv_blocks_total, served=w.served)
             for w in workers])
+
+
+class _Unreachable(Exception):
+    """A worker could not be reached before the request did anything there: safe to retry."""
+
+    def __init__(self, worker: WorkerInfo, error: Exception):
+        super().__init__(str(error))
+        self.worker, self.error = worker, error
 
 
 async def _relay(stream, worker: WorkerInfo, unwrap):
