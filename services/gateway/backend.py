@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import grpc
 
+from pagewire.services.grpc_options import KEEPALIVE_CHANNEL_OPTIONS
 from pagewire.v1 import common_pb2, router_pb2, router_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 
 MODEL_INFO_TIMEOUT_S = 10.0
@@ -17,8 +18,10 @@ class Backend:
     """Tokenizer and router stubs; `close()` closes both channels."""
 
     def __init__(self, tokenizer_address: str, router_address: str) -> None:
-        self._tokenizer_channel = grpc.aio.insecure_channel(tokenizer_address)
-        self._router_channel = grpc.aio.insecure_channel(router_address)
+        self._tokenizer_channel = grpc.aio.insecure_channel(
+            tokenizer_address, options=KEEPALIVE_CHANNEL_OPTIONS)
+        self._router_channel = grpc.aio.insecure_channel(
+            router_address, options=KEEPALIVE_CHANNEL_OPTIONS)
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(self._tokenizer_channel)
         self.router = router_pb2_grpc.RouterStub(self._router_channel)
         self._token_bytes: dict[int, bytes] = {}

@@ -31,6 +31,7 @@ from pagewire.cluster.routing import (
 )
 from pagewire.engine.prefix_hash import hash_full_blocks
 from pagewire.services.grpc_errors import InvalidRequest, Unavailable, grpc_errors
+from pagewire.services.grpc_options import KEEPALIVE_CHANNEL_OPTIONS, KEEPALIVE_SERVER_OPTIONS
 from pagewire.services.lifecycle import run_service
 from pagewire.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -126,7 +127,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     def _stub(self, worker: WorkerInfo) -> worker_pb2_grpc.WorkerStub:
         if worker.address not in self._channels:
-            self._channels[worker.address] = grpc.aio.insecure_channel(worker.address)
+            self._channels[worker.address] = grpc.aio.insecure_channel(
+                worker.address, options=KEEPALIVE_CHANNEL_OPTIONS)
         return worker_pb2_grpc.WorkerStub(self._channels[worker.address])
 
     # ---- the request --------------------------------------------------------------------------
@@ -304,7 +306,7 @@ def _lost(worker: WorkerInfo, exc: grpc.aio.AioRpcError) -> Exception:
 
 
 async def serve(config: RouterConfig) -> grpc.aio.Server:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *KEEPALIVE_SERVER_OPTIONS])
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(config), server)
     health_servicer = health.aio.HealthServicer()

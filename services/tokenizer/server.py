@@ -21,6 +21,7 @@ from transformers import AutoConfig
 from pagewire.model.llama import ModelSpec
 from pagewire.model.model_source import ModelSource, resolve_model
 from pagewire.services.grpc_errors import FailedPrecondition, InvalidRequest, grpc_errors
+from pagewire.services.grpc_options import KEEPALIVE_SERVER_OPTIONS
 from pagewire.services.lifecycle import run_service
 from pagewire.services.tokenizer.config import TokenizerConfig
 from pagewire.tokenizer.detokenizer import IncrementalDetokenizer
@@ -165,6 +166,7 @@ async def serve(config: TokenizerConfig) -> grpc.aio.Server:
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share
+            *KEEPALIVE_SERVER_OPTIONS,
         ]
     )
     tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerServicer(served), server)

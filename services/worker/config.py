@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 from pagewire.config import EngineConfig
 
 ROLES = ("prefill", "decode", "both")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
 @dataclass(frozen=True)
@@ -27,8 +30,8 @@ class WorkerConfig:
     redis_namespace: str = "pagewire"
     """Key prefix in Redis, shared by the router and every worker of one deployment."""
     advertise_address: str | None = None
-    """host:port others reach this worker at; defaults to host:port (set it when binding
-    0.0.0.0 in a container)."""
+    """host:port others reach this worker at; defaults to host:port, or, bound to every
+    interface (0.0.0.0 in a container), to this machine's address toward Redis and the port."""
     kv_chunk_bytes: int = 4 << 20
     """Largest KV message of a transfer (whole blocks; at least one block per message)."""
     max_message_bytes: int = 64 << 20
@@ -61,3 +64,26 @@ class WorkerConfig:
                    redis_url=environ.get("PAGEWIRE_REDIS_URL") or None,
                    redis_namespace=environ.get("PAGEWIRE_REDIS_NAMESPACE", "pagewire"),
                    advertise_address=environ.get("PAGEWIRE_WORKER_ADVERTISE") or None)
+
+
+def advertised_address(config: WorkerConfig, port: int) -> str:
+    """host:port the registry tells others: --advertise, else the bound host; bound to every
+    interface, the local address of the route to Redis's host (where the router and the other
+    workers are too), so each replica of a scaled compose service announces its own IP."""
+    if config.advertise_address:
+        return config.advertise_address
+    host = config.host
+    if host in WILDCARD_HOSTS:
+        host = _address_toward(urlparse(config.redis_url or "").hostname)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _address_toward(peer_host: str | None) -> str:
+    try:
+        family, kind, _, _, peer = socket.getaddrinfo(peer_host or "localhost", 9,
+                                                      type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.connect(peer)  # UDP: sends nothing, only picks the route and its source
+            return probe.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())

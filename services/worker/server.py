@@ -29,9 +29,10 @@ from pagewire.services.grpc_errors import (
     NotFound,
     grpc_errors,
 )
+from pagewire.services.grpc_options import KEEPALIVE_CHANNEL_OPTIONS, KEEPALIVE_SERVER_OPTIONS
 from pagewire.services.lifecycle import run_service
 from pagewire.services.worker.announcer import Announcer
-from pagewire.services.worker.config import WorkerConfig
+from pagewire.services.worker.config import WorkerConfig, advertised_address
 from pagewire.services.worker.convert import sampling_from_proto, token_batch, token_logprobs
 from pagewire.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
@@ -122,7 +123,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             limit = self.config.max_message_bytes
             self._channels[address] = grpc.aio.insecure_channel(address, options=[
                 ("grpc.max_send_message_length", limit),
-                ("grpc.max_receive_message_length", limit)])
+                ("grpc.max_receive_message_length", limit), *KEEPALIVE_CHANNEL_OPTIONS])
         return self._channels[address]
 
     # ---- decode role --------------------------------------------------------------------------
@@ -255,9 +256,10 @@ async def serve(config: WorkerConfig) -> grpc.aio.Server:
     limit = config.max_message_bytes
     server = grpc.aio.server(options=[("grpc.max_send_message_length", limit),
                                       ("grpc.max_receive_message_length", limit),
-                                      ("grpc.so_reuseport", 0)])
+                                      ("grpc.so_reuseport", 0), *KEEPALIVE_SERVER_OPTIONS])
     port = server.add_insecure_port(f"{config.host}:{config.port}")
-    worker_id = config.worker_id or f"{config.role}@{config.host}:{port}"
+    address = advertised_address(config, port)
+    worker_id = config.worker_id or f"{config.role}@{address}"  # unique per replica
     servicer = WorkerServicer(engine, config, worker_id)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -269,7 +271,6 @@ async def serve(config: WorkerConfig) -> grpc.aio.Server:
     server.async_engine = engine
     server.announcer = None
     if config.redis_url:
-        address = config.advertise_address or f"{config.host}:{port}"
         server.announcer = Announcer(engine, config.redis_url, worker_id, config.role, address,
                                      served=lambda: servicer.served,
                                      namespace=config.redis_namespace)
