@@ -20,6 +20,7 @@ from .backend import Backend
 from .config import GatewayConfig
 from .errors import APIError, install_error_handlers
 from .generation import merge_choices, run_choice
+from .limits import BodySizeLimit
 from .metrics import GatewayMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .requests import choice_specs, logprobs_of, max_tokens_of, new_request_id
@@ -41,6 +42,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     app = FastAPI(title="pagewire", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
     auth = Depends(_api_key_checker(config.api_key))
 
     @app.get("/health")

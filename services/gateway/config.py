@@ -20,12 +20,16 @@ class GatewayConfig:
     """When set, every /v1 request must carry `Authorization: Bearer <api_key>`."""
     request_timeout_s: float = 600.0
     """End-to-end deadline of one generation, handed to the router as timeout_ms."""
+    max_body_bytes: int = 8 << 20
+    """Largest request body; a bigger one gets 413 (a 128k-token chat is about 0.5 MB)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if self.max_body_bytes <= 0:
+            raise ValueError(f"max_body_bytes must be > 0, got {self.max_body_bytes}")
         if self.api_key == "":
             raise ValueError("api_key must be non-empty when set")
 
@@ -39,4 +43,8 @@ class GatewayConfig:
             tokenizer_address=env.get("PAGEWIRE_TOKENIZER_ADDRESS", defaults.tokenizer_address),
             router_address=env.get("PAGEWIRE_ROUTER_ADDRESS", defaults.router_address),
             api_key=env.get("PAGEWIRE_API_KEY") or None,
+            request_timeout_s=float(env.get("PAGEWIRE_GATEWAY_REQUEST_TIMEOUT_S",
+                                            defaults.request_timeout_s)),
+            max_body_bytes=int(env.get("PAGEWIRE_GATEWAY_MAX_BODY_BYTES",
+                                       defaults.max_body_bytes)),
         )

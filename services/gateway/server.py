@@ -19,7 +19,10 @@ def parse_config(argv: list[str] | None = None) -> GatewayConfig:
     parser.add_argument("--tokenizer-address", default=defaults.tokenizer_address)
     parser.add_argument("--router-address", default=defaults.router_address)
     parser.add_argument("--api-key", default=defaults.api_key)
-    parser.add_argument("--request-timeout-s", type=float, default=defaults.request_timeout_s)
+    parser.add_argument("--request-timeout-s", type=float, default=defaults.request_timeout_s,
+                        help="env PAGEWIRE_GATEWAY_REQUEST_TIMEOUT_S")
+    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
+                        help="largest request body (env PAGEWIRE_GATEWAY_MAX_BODY_BYTES)")
     args = parser.parse_args(argv)
     return dataclasses.replace(defaults, **vars(args))
 

@@ -210,3 +210,19 @@ def test_cluster_lists_live_workers(stack):
     assert workers and {"id", "role", "address", "running", "waiting", "kv_blocks_free",
                         "kv_blocks_total", "served"} <= set(workers[0])
     assert all(w["kv_blocks_free"] <= w["kv_blocks_total"] for w in workers)
+
+
+def test_oversized_body_is_413_in_openai_shape(stack, model):
+    import dataclasses
+    port = stack._run(stack.start_gateway(dataclasses.replace(stack.gateway_config,
+                                                              max_body_bytes=2000)))
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    big = {"model": model, "prompt": "x" * 5000, "max_tokens": 1}
+    declared = httpx.post(url, json=big, timeout=30)  # Content-Length says it up front
+    chunked = httpx.post(url, content=iter([b'{"model": "m", "prompt": "', b"x" * 5000, b'"}']),
+                         headers={"content-type": "application/json"}, timeout=30)
+    for reply in (declared, chunked):
+        assert reply.status_code == 413, reply.text
+        assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
+    small = httpx.post(url, json={"model": model, "prompt": "Hi", "max_tokens": 1}, timeout=30)
+    assert small.status_code == 200
