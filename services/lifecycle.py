@@ -1,5 +1,6 @@
 """How every pagewire service process runs: log setup, start, serve until SIGINT/SIGTERM,
-then stop gracefully (in-flight calls finish within the service's grace period)."""
+then stop gracefully (in-flight calls finish within the service's grace period); and the
+standard gRPC health service every one of them answers."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 S = TypeVar("S")
 logger = logging.getLogger(__name__)
@@ -29,3 +33,11 @@ async def _until_signalled(start, stop) -> None:
     await stopped.wait()
     logger.info("stopping: finishing in-flight calls")
     await stop(server)
+
+
+async def add_health(server: grpc.aio.Server, service_name: str) -> None:
+    """Standard gRPC health checking: SERVING for the whole server ("") and `service_name`."""
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in ("", service_name):
+        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

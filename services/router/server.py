@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import grpc
 import redis
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pagewire.cluster.prefix_index import PrefixIndex
 from pagewire.cluster.registry import WorkerInfo, WorkerRegistry
@@ -32,7 +31,7 @@ from pagewire.cluster.routing import (
 from pagewire.engine.prefix_hash import hash_full_blocks
 from pagewire.services.grpc_errors import InvalidRequest, Unavailable, grpc_errors
 from pagewire.services.grpc_options import KEEPALIVE_CHANNEL_OPTIONS, KEEPALIVE_SERVER_OPTIONS
-from pagewire.services.lifecycle import run_service
+from pagewire.services.lifecycle import add_health, run_service
 from pagewire.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -309,10 +308,7 @@ async def serve(config: RouterConfig) -> grpc.aio.Server:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *KEEPALIVE_SERVER_OPTIONS])
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(config), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", "pagewire.v1.Router"):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await add_health(server, "pagewire.v1.Router")
     await server.start()
     server.bound_port = port
     logger.info("router serving on %s:%d", config.host, port)

@@ -15,14 +15,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from transformers import AutoConfig
 
 from pagewire.model.llama import ModelSpec
 from pagewire.model.model_source import ModelSource, resolve_model
 from pagewire.services.grpc_errors import FailedPrecondition, InvalidRequest, grpc_errors
 from pagewire.services.grpc_options import KEEPALIVE_SERVER_OPTIONS
-from pagewire.services.lifecycle import run_service
+from pagewire.services.lifecycle import add_health, run_service
 from pagewire.services.tokenizer.config import TokenizerConfig
 from pagewire.tokenizer.detokenizer import IncrementalDetokenizer
 from pagewire.tokenizer.loader import eos_token_ids, load_tokenizer
@@ -170,11 +169,7 @@ async def serve(config: TokenizerConfig) -> grpc.aio.Server:
         ]
     )
     tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerServicer(served), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    service_name = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
-    for name in ("", service_name):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await add_health(server, tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name)
     server.bound_port = server.add_insecure_port(config.address)  # raises if it cannot bind
     await server.start()
     logger.info("tokenizer for %s serving on %s:%d", served.source.name, config.host,

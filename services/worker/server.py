@@ -17,7 +17,6 @@ from collections.abc import Sequence
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pagewire.engine.async_engine import AsyncEngine
 from pagewire.engine.kv_transfer import KV_DTYPES, KVLayout
@@ -30,7 +29,7 @@ from pagewire.services.grpc_errors import (
     grpc_errors,
 )
 from pagewire.services.grpc_options import KEEPALIVE_CHANNEL_OPTIONS, KEEPALIVE_SERVER_OPTIONS
-from pagewire.services.lifecycle import run_service
+from pagewire.services.lifecycle import add_health, run_service
 from pagewire.services.worker.announcer import Announcer
 from pagewire.services.worker.config import WorkerConfig, advertised_address
 from pagewire.services.worker.convert import sampling_from_proto, token_batch, token_logprobs
@@ -262,10 +261,7 @@ async def serve(config: WorkerConfig) -> grpc.aio.Server:
     worker_id = config.worker_id or f"{config.role}@{address}"  # unique per replica
     servicer = WorkerServicer(engine, config, worker_id)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", "pagewire.v1.Worker"):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await add_health(server, "pagewire.v1.Worker")
     await server.start()
     server.bound_port = port
     server.async_engine = engine
