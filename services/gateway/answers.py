@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from . import responses
 from .errors import error_body, from_grpc
 from .generation import ChoiceEvent, UsageCounter
-from .logprobs import chat_logprobs, completion_logprobs, text_length
+from .logprobs import chat_logprobs, completion_logprobs
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left: nobody reads it
 
@@ -37,7 +37,7 @@ class LogprobShaper:
         if self._chat:
             return chat_logprobs(tokens)
         shaped = completion_logprobs(tokens, self._offsets[event.index])
-        self._offsets[event.index] += text_length(tokens)
+        self._offsets[event.index] += sum(len(token) for token in shaped["tokens"])
         return shaped
 
 

@@ -51,7 +51,3 @@ def completion_logprobs(tokens: Sequence[TokenLogprob], text_offset: int = 0) ->
             "token_logprobs": [t.logprob for t in tokens],
             "top_logprobs": tops, "text_offset": offsets}
 
-
-def text_length(tokens: Sequence[TokenLogprob]) -> int:
-    """How far these tokens move a completion's text_offset."""
-    return sum(len(_text(t.token)) for t in tokens)
