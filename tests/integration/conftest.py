@@ -27,3 +27,15 @@ def namespace(redis_client):
     ns = f"pwtest-{uuid.uuid4().hex}"
     yield ns
     delete_namespace(redis_client, ns)
+
+
+# For modules that define a module-scoped `stack` (tests/integration/stack.py): its OpenAI
+# client and the model it serves.
+@pytest.fixture(scope="module")
+def client(stack):
+    return stack.client()
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id

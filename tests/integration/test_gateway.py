@@ -27,16 +27,6 @@ def stack():
     stack.stop()
 
 
-@pytest.fixture(scope="module")
-def client(stack):
-    return stack.client()
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
-
-
 def test_models_lists_the_served_model(client, model):
     models = client.models.list().data
     assert [m.id for m in models] == [model]

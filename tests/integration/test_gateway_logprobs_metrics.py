@@ -27,16 +27,6 @@ def stack():
     stack.stop()
 
 
-@pytest.fixture(scope="module")
-def client(stack):
-    return stack.client()
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
-
-
 def test_chat_logprobs_equal_the_offline_engine(client, model, llm):
     expected = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=6, logprobs=3,
                                              ignore_eos=True))[0].outputs[0]
