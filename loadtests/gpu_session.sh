@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device-tool call: the GPU checks and benchmarks of the engine, outputs under $OUT.
 #   run: bash loadtests/gpu_session.sh [steps...]     (steps: kernels engine w1-llama w1-qwen
-#        w1-torch w1-hf w1-llama-8k graphs profile; default: kernels engine w1-llama w1-qwen)
+#        w1-llama-async w1-qwen-async w1-torch w1-hf w1-llama-8k graphs kv profile profile-sync;
+#        default: kernels engine w1-llama w1-qwen)
 # Makes `pagewire` importable from this checkout without pip (the device has no index): the
 # package-dir mapping of pyproject.toml, done with symlinks.
 set -uo pipefail
@@ -12,6 +13,9 @@ ln -sfn "$PWD/kernels" shared/kernels
 ln -sfn "$PWD/services" shared/services
 ln -sfn "$PWD/shared" /tmp/pw/pagewire
 export PYTHONPATH=/tmp/pw:$PWD
+# A step that runs past its time is killed with SIGABRT, so faulthandler prints where it was.
+export PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
+python() { timeout -s ABRT "${STEP_TIMEOUT_S:-400}" python3 "$@"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', \
 triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
@@ -29,6 +33,13 @@ for step in "${steps[@]}"; do
                 --json "$OUT/w1-llama3-8b-triton.json" 2>&1 | tail -8 ;;
     w1-qwen) python loadtests/offline_throughput.py --model loadtests/configs/qwen3-0.6b $W1 \
                --json "$OUT/w1-qwen3-0.6b-triton.json" 2>&1 | tail -8 ;;
+    # W1 with async scheduling on and off, round by round on one engine: the overlap's ratio.
+    w1-llama-async) python loadtests/offline_throughput.py --model loadtests/configs/llama3-8b \
+                      $W1 --async-scheduling both --full-warmup --rounds 2 \
+                      --json "$OUT/w1-llama3-8b-async-vs-sync.json" 2>&1 | tail -9 ;;
+    w1-qwen-async) python loadtests/offline_throughput.py --model loadtests/configs/qwen3-0.6b \
+                     $W1 --async-scheduling both --full-warmup --rounds 2 \
+                     --json "$OUT/w1-qwen3-0.6b-async-vs-sync.json" 2>&1 | tail -9 ;;
     w1-torch) python loadtests/offline_throughput.py --model loadtests/configs/llama3-8b $W1 \
                 --kernels torch --json "$OUT/w1-llama3-8b-torch.json" 2>&1 | tail -8 ;;
     w1-llama-8k) python loadtests/offline_throughput.py --model loadtests/configs/llama3-8b $W1 \
@@ -39,13 +50,14 @@ for step in "${steps[@]}"; do
     w1-hf) python loadtests/offline_throughput.py --model loadtests/configs/llama3-8b \
              --load-format dummy --dtype bfloat16 --device cuda --num-prompts 128 --min-len 128 \
              --max-len 1024 --new-tokens 256 --rounds 1 --hf-batch 64 --max-model-len 4096 \
-             --gpu-memory-utilization 0.35 \
+             --gpu-memory-utilization 0.35 --full-warmup \
              --json "$OUT/w1-small-llama3-8b-vs-hf.json" 2>&1 | tail -8 ;;
     graphs) python loadtests/gpu_graph_check.py 2>&1 | grep -v "^pagewire:" ;;
-    profile) for budget in 2048; do
-               python loadtests/profile_engine.py --model loadtests/configs/llama3-8b \
-                 --num-prompts 128 --max-num-batched-tokens $budget 2>&1 | grep -v "^pagewire:"
-             done ;;
+    kv) python loadtests/gpu_kv_check.py 2>&1 | grep -v "^pagewire:" ;;
+    profile|profile-sync) python loadtests/profile_engine.py --model loadtests/configs/llama3-8b \
+               --num-prompts 512 --max-num-batched-tokens 8192 --top 30 \
+               --async-scheduling $([ $step = profile ] && echo on || echo off) 2>&1 \
+               | grep -v "^pagewire:" ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -91,6 +91,13 @@ def main() -> int:
     parser.add_argument("--kernels", default="auto", choices=("auto", "torch"),
                         help="auto: Triton on CUDA; torch: the torch path everywhere")
     parser.add_argument("--no-hf", action="store_true", help="time pagewire alone")
+    parser.add_argument("--async-scheduling", default="auto",
+                        choices=("auto", "on", "off", "both"),
+                        help="overlap step N+1's host work with step N (auto: on CUDA); both: "
+                        "alternate on and off, round by round, on one engine")
+    parser.add_argument("--full-warmup", action="store_true",
+                        help="warm up on every prompt (Triton compiles each prefill shape's "
+                        "specialization, graphs are captured) so round 1 is not penalised")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
 
@@ -100,23 +107,34 @@ def main() -> int:
               device=args.device, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, kernels=args.kernels,
-              gpu_memory_utilization=args.gpu_memory_utilization, show_progress=False)
+              gpu_memory_utilization=args.gpu_memory_utilization,
+              async_scheduling={"on": True, "off": False}.get(args.async_scheduling),
+              show_progress=False)
     spec = llm.engine.runner.spec
     prompts = make_prompts(args.num_prompts, args.min_len, args.max_len, spec.vocab_size,
                            args.seed)
     hf = None if args.no_hf else load_hf(llm, args)
-    # Warm-up on a few prompts: allocator, thread pools, lazy inits stay out of the numbers.
-    run_pagewire(llm, prompts[:4], 4)
+    # Warm-up: allocator, thread pools, lazy inits (and with --full-warmup, kernel
+    # specializations and graph captures) stay out of the numbers.
+    run_pagewire(llm, prompts if args.full_warmup else prompts[:4],
+                 min(args.new_tokens, 32) if args.full_warmup else 4)
     if hf is not None:
         run_hf(hf, prompts[:4], 4, 4, args.device)
 
-    results: dict[str, list[float]] = {"pagewire": [], "transformers": []}
+    variants = {"pagewire": None}
+    if args.async_scheduling == "both":
+        variants = {"pagewire (async)": True, "pagewire (sync)": False}
+    results: dict[str, list[float]] = {**{name: [] for name in variants}, "transformers": []}
     for _ in range(args.rounds):
         if hf is not None:
             elapsed, tokens = run_hf(hf, prompts, args.new_tokens, args.hf_batch, args.device)
             results["transformers"].append(tokens / elapsed)
-        elapsed, tokens = run_pagewire(llm, prompts, args.new_tokens)
-        results["pagewire"].append(tokens / elapsed)
+        for name, async_scheduling in variants.items():
+            if async_scheduling is not None:
+                # A benchmark-only switch: the engine reads the flag at every step.
+                llm.engine.config = llm.engine.config.replace(async_scheduling=async_scheduling)
+            elapsed, tokens = run_pagewire(llm, prompts, args.new_tokens)
+            results[name].append(tokens / elapsed)
 
     report = {
         "date": time.strftime("%Y-%m-%d"),
@@ -126,13 +144,29 @@ def main() -> int:
         "kernels": "triton" if llm.engine.config.use_triton else "torch",
         "workload": {k: getattr(args, k) for k in
                      ("num_prompts", "min_len", "max_len", "new_tokens", "hf_batch", "seed")},
+        "async_scheduling": args.async_scheduling,
         "output_tokens_per_s": {k: v for k, v in results.items() if v},
     }
+    if args.device.startswith("cuda"):
+        report["roofline"] = roofline_report(llm, prompts, args, results[next(iter(variants))])
     print_table(report, results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     return 0
+
+
+def roofline_report(llm, prompts, args, tokens_per_s: list[float]) -> dict:
+    from roofline import DeviceLimits, floor_seconds
+
+    limits = DeviceLimits.measure(args.device)
+    floor = floor_seconds(llm.engine.runner.spec, [len(p) for p in prompts], args.new_tokens,
+                          args.max_num_seqs, llm.engine.config.torch_dtype.itemsize, limits)
+    floor_tokens_per_s = len(prompts) * args.new_tokens / floor["floor_s"]
+    return {"matmul_tflops": limits.matmul_flops_per_s / 1e12,
+            "copy_tb_per_s": limits.copy_bytes_per_s / 1e12, **floor,
+            "floor_tokens_per_s": floor_tokens_per_s,
+            "fraction_of_floor": statistics.median(tokens_per_s) / floor_tokens_per_s}
 
 
 def load_hf(llm, args):
@@ -160,14 +194,24 @@ def machine_description(device: str) -> str:
 def print_table(report: dict, results: dict[str, list[float]]) -> None:
     print(f"\n{report['model']} {report['dtype']} on {report['machine']}")
     print(f"workload: {report['workload']}")
-    print(f"{'engine':<14}{'median tok/s':>14}{'runs':>30}")
+    print(f"{'engine':<18}{'median tok/s':>14}{'runs':>30}")
     for name, values in results.items():
         if values:
             runs = ", ".join(f"{v:.1f}" for v in values)
-            print(f"{name:<14}{statistics.median(values):>14.1f}{runs:>30}")
+            print(f"{name:<18}{statistics.median(values):>14.1f}{runs:>30}")
+    first = next(iter(results))
     if results["transformers"]:
-        ratio = statistics.median(results["pagewire"]) / statistics.median(results["transformers"])
-        print(f"pagewire / transformers: {ratio:.2f}x")
+        ratio = statistics.median(results[first]) / statistics.median(results["transformers"])
+        print(f"{first} / transformers: {ratio:.2f}x")
+    if "pagewire (sync)" in results:
+        ratio = statistics.median(results[first]) / statistics.median(results["pagewire (sync)"])
+        print(f"async / sync scheduling: {ratio:.2f}x")
+    if "roofline" in report:
+        r = report["roofline"]
+        print(f"roofline floor: {r['floor_s']:.1f} s (prefill {r['prefill_s']:.1f} s at "
+              f"{r['matmul_tflops']:.0f} TFLOP/s, decode {r['decode_s']:.1f} s at "
+              f"{r['copy_tb_per_s']:.2f} TB/s) = {r['floor_tokens_per_s']:.0f} tok/s; "
+              f"{first} reaches {r['fraction_of_floor']:.0%} of it")
 
 
 if __name__ == "__main__":

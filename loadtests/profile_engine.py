@@ -31,13 +31,15 @@ def main() -> int:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--kernels", default="auto")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--async-scheduling", default="auto", choices=("auto", "on", "off"))
     args = parser.parse_args()
 
     from pagewire import LLM, SamplingParams
 
     llm = LLM(model=args.model, load_format="dummy", dtype="auto", device=args.device,
               max_model_len=4096, max_num_batched_tokens=args.max_num_batched_tokens,
-              kernels=args.kernels, show_progress=False)
+              kernels=args.kernels, show_progress=False,
+              async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling])
     prompts = make_prompts(args.num_prompts, args.min_len, args.max_len,
                            llm.engine.runner.spec.vocab_size, 0)
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)

@@ -69,6 +69,9 @@ class EngineConfig:
     """auto: Triton kernels on CUDA, torch on CPU | torch: torch everywhere (a reference)."""
     enforce_eager: bool = False
     """Never replay CUDA graphs (they serve decode steps on the Triton path)."""
+    async_scheduling: bool | None = None
+    """Schedule and launch step N+1 before reading step N's tokens back, so the host's work
+    overlaps the device's. None: on CUDA only (on CPU the host is the device)."""
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
@@ -110,6 +113,12 @@ class EngineConfig:
     @property
     def use_cuda_graphs(self) -> bool:
         return self.use_triton and not self.enforce_eager
+
+    @property
+    def use_async_scheduling(self) -> bool:
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        return self.device.startswith("cuda")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from pagewire.device_copies import to_device
 from pagewire.model.attention import AttentionMetadata
 
 
@@ -45,23 +46,26 @@ class DecodeGraphs:
         return self.sizes[-1]
 
     def run(self, input_ids: list[int], positions: list[int], context_lens: list[int],
-            block_tables: list[list[int]]) -> torch.Tensor:
-        """Final hidden states [n, hidden] of n decode tokens (n <= max_batch)."""
+            block_tables: list[list[int]], patch_inputs=None) -> torch.Tensor:
+        """Final hidden states [n, hidden] of n decode tokens (n <= max_batch). patch_inputs,
+        if given, fixes up the input ids on the device (tokens the host does not have yet)."""
         n = len(input_ids)
         size = next(s for s in self.sizes if s >= n)
         pad = size - n
         slots = [table[(pos) // self.block_size] * self.block_size + pos % self.block_size
                  for table, pos in zip(block_tables, positions)]
-        rows = torch.tensor([input_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad,
-                             context_lens + [1] * pad], dtype=torch.long)
-        self.input_ids[:size].copy_(rows[0], non_blocking=True)
-        self.positions[:size].copy_(rows[1], non_blocking=True)
-        self.slot_mapping[:size].copy_(rows[2], non_blocking=True)
-        self.seq_lens[:size].copy_(rows[3], non_blocking=True)
+        rows = to_device([input_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad,
+                          context_lens + [1] * pad], torch.long, self.input_ids.device)
+        self.input_ids[:size].copy_(rows[0])
+        self.positions[:size].copy_(rows[1])
+        self.slot_mapping[:size].copy_(rows[2])
+        self.seq_lens[:size].copy_(rows[3])
+        if patch_inputs is not None:
+            patch_inputs(self.input_ids)
         width = max(len(t) for t in block_tables)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables],
-                              dtype=torch.int32)
-        self.block_tables[:n, :width].copy_(tables, non_blocking=True)
+        tables = to_device([t + [0] * (width - len(t)) for t in block_tables], torch.int32,
+                           self.input_ids.device)
+        self.block_tables[:n, :width].copy_(tables)
         if size not in self._graphs:
             self._graphs[size] = self._capture(size)
         graph, hidden = self._graphs[size]

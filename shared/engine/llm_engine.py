@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from pagewire.config import EngineConfig
+from pagewire.device_copies import HostCopy
 from pagewire.engine.block_manager import BlockManager
 from pagewire.engine.kv_transfer import KVLayout, decode_kv, dtype_name, encode_kv
-from pagewire.engine.model_runner import ModelRunner
+from pagewire.engine.model_runner import ModelRunner, StepResult
 from pagewire.engine.scheduler import Scheduler
 from pagewire.engine.sequence import FinishReason, Sequence
 from pagewire.model.model_source import resolve_model
@@ -38,8 +39,24 @@ class EngineStats:
     num_preemptions: int = 0
 
 
+@dataclass
+class KVExport:
+    """A sequence's KV on its way to the host (start_kv_export)."""
+
+    num_tokens: int
+    copy: HostCopy
+
+    def wait(self) -> torch.Tensor:
+        """The blocks [n, *kv_layout.block_shape] on the host, once copied."""
+        return self.copy.wait()[0]
+
+
 class InvalidRequestError(ValueError):
     """The request cannot be served as asked (bad prompt, too long, unknown id...)."""
+
+
+class RequestIdInUseError(InvalidRequestError):
+    """Another live request has this id; refusing this one must leave that one alone."""
 
 
 class OutOfKVBlocksError(RuntimeError):
@@ -74,6 +91,7 @@ class LLMEngine:
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._stop_matchers: dict[str, StopStringMatcher] = {}
         self._texts: dict[str, str] = {}
+        self._in_flight: StepResult | None = None  # launched, tokens not read back yet
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -92,7 +110,7 @@ class LLMEngine:
     def _validate(self, request_id: str, prompt_token_ids: list[int],
                   params: SamplingParams) -> None:
         if request_id in self.seqs:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+            raise RequestIdInUseError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty")
         vocab = self.runner.spec.vocab_size
@@ -106,6 +124,8 @@ class LLMEngine:
 
     def _register(self, seq: Sequence) -> None:
         params = seq.params
+        seq.max_num_tokens = min(seq.num_prompt_tokens + (params.max_tokens or self.max_model_len),
+                                 self.max_model_len)
         if not params.ignore_eos:
             seq.eos_token_ids = self.eos_token_ids
         if params.seed is not None:
@@ -130,7 +150,7 @@ class LLMEngine:
         return self._pop_output(seq)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def num_unfinished_requests(self) -> int:
         return len(self.scheduler.waiting) + len(self.scheduler.running)
@@ -139,31 +159,63 @@ class LLMEngine:
 
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Runs one step; returns an output for every request that got a token or finished
-        (only those that finished with finished_only: building the others costs per step)."""
+        (only those that finished with finished_only: building the others costs per step).
+
+        With async scheduling a step is read back by the next call: this call launches step
+        N+1 first, then waits for step N's tokens and processes them while the device computes
+        N+1. A sequence that step N ended (a stop string, EOS) had one token too many computed
+        in N+1; that token is dropped."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None and _needs_tokens_on_host(in_flight):
+            return self._finish_step(in_flight, finished_only)  # penalties count every token
+        launched = self._launch(in_flight)
+        outputs = self._finish_step(in_flight, finished_only) if in_flight is not None else []
+        if launched is not None:
+            if self.config.use_async_scheduling:
+                self._in_flight = launched
+            else:
+                outputs += self._finish_step(launched, finished_only)
+        return outputs
+
+    def _launch(self, in_flight: StepResult | None) -> StepResult | None:
+        """Schedules and launches a step; the step that samples tokens, if any."""
         batch = self.scheduler.schedule()
         self.stats.num_preemptions += len(batch.preempted)
         if not batch:
-            return []
+            return None
         self.stats.num_steps += 1
         self.stats.num_computed_tokens += batch.num_batched_tokens
         self.stats.num_prefix_hit_tokens += batch.num_prefix_hit_tokens
-        result = self.runner.execute(batch)
+        result = self.runner.execute(batch, in_flight)
         self.scheduler.commit_step(batch)
+        for seq in result.seqs:
+            seq.num_pending_tokens += 1
+        return result if result.output is not None else None
+
+    def _finish_step(self, result: StepResult, finished_only: bool) -> list[RequestOutput]:
+        """Appends a launched step's sampled tokens once they reach the host."""
+        out = result.host_output()
+        token_ids = out.sampled_token_ids.tolist()
+        logprobs = _logprob_rows(out, len(token_ids))
         outputs = []
-        if result.output is not None:
-            out = result.output
-            token_ids = out.sampled_token_ids.tolist()
-            logprobs = _logprob_rows(out, len(token_ids))
-            for row, seq in enumerate(result.seqs):
-                seq.append_token(token_ids[row])
-                if seq.params.logprobs is not None:
-                    sampled, top = logprobs[row]
-                    seq.output_logprobs.append((sampled, top[:seq.params.logprobs]))
-                self._after_token(seq, token_ids[row])
-                if seq.is_finished or not finished_only:
-                    outputs.append(self._output(seq))
-                if seq.is_finished and not seq.hold_kv:
-                    self._forget(seq)
+        for row, seq in enumerate(result.seqs):
+            if seq.is_finished:  # ended (stopped, aborted) while this step ran: a void token
+                continue
+            num_hashes = len(seq.block_hashes)
+            seq.append_token(token_ids[row])
+            if seq.params.logprobs is not None:
+                sampled, top = logprobs[row]
+                seq.output_logprobs.append((sampled, top[:seq.params.logprobs]))
+            self._after_token(seq, token_ids[row])
+            if len(seq.block_hashes) > num_hashes and not seq.is_finished:
+                # The token completed a block whose KV the device already computed (it was
+                # the input of the step in flight): the block joins the prefix cache now.
+                self.block_manager.cache_full_blocks(seq.block_table, seq.block_hashes,
+                                                     seq.num_computed_tokens, num_hashes)
+            if seq.is_finished or not finished_only:
+                outputs.append(self._output(seq))
+            if seq.is_finished and not seq.hold_kv:
+                self._forget(seq)
         return outputs
 
     def _after_token(self, seq: Sequence, token_id: int) -> None:
@@ -188,8 +240,7 @@ class LLMEngine:
                 return
         else:
             self._texts[rid] += new_text
-        max_tokens = params.max_tokens or self.max_model_len
-        if seq.num_output_tokens >= max_tokens or seq.num_tokens >= self.max_model_len:
+        if len(seq.token_ids) >= seq.max_num_tokens:
             self._finish_text(seq, [])
             self.scheduler.finish(seq, FinishReason.LENGTH)
 
@@ -260,12 +311,20 @@ class LLMEngine:
 
     def export_kv_blocks(self, request_id: str, skip_blocks: int = 0) -> tuple[int, torch.Tensor]:
         """(num_tokens, blocks [n, *kv_layout.block_shape] on the CPU): export_kv unencoded."""
+        export = self.start_kv_export(request_id, skip_blocks)
+        return export.num_tokens, export.wait()
+
+    def start_kv_export(self, request_id: str, skip_blocks: int = 0) -> KVExport:
+        """Starts copying a held sequence's KV to the host and returns at once: the caller may
+        release the sequence right away and wait for the copy on another thread, so the engine
+        never stalls on a transfer."""
         seq = self._held(request_id)
         num_tokens = seq.num_computed_tokens
         num_blocks = -(-num_tokens // self.config.block_size)
         if not 0 <= skip_blocks <= num_blocks:
             raise InvalidRequestError(f"skip_blocks={skip_blocks} outside [0, {num_blocks}]")
-        return num_tokens, self.runner.read_blocks(seq.block_table[skip_blocks:num_blocks])
+        copy = self.runner.read_blocks(seq.block_table[skip_blocks:num_blocks])
+        return KVExport(num_tokens, copy)
 
     def release(self, request_id: str) -> None:
         """Frees a held sequence's blocks (after export, or when the transfer failed)."""
@@ -319,6 +378,10 @@ class LLMEngine:
         `output_logprobs`, one (sampled (id, logprob), top [(id, logprob)]) per output token,
         carries the origin's logprobs over when the request asks for them."""
         self.kv_layout.check_matches(layout)
+        vocab = self.runner.spec.vocab_size
+        if any(not 0 <= t < vocab for t in output_token_ids):  # the next step embeds them
+            raise InvalidRequestError(f"output token ids out of the vocabulary [0, {vocab}): "
+                                      f"{list(output_token_ids)[:5]}")
         if tuple(blocks.shape[1:]) != layout.block_shape or \
                 skip_blocks + blocks.shape[0] != -(-num_tokens // layout.block_size):
             raise InvalidRequestError(f"{blocks.shape[0]} blocks after {skip_blocks} skipped "
@@ -371,6 +434,12 @@ class LLMEngine:
                        arrival_time=time.monotonic())
         self._register(seq)
         return seq
+
+
+def _needs_tokens_on_host(result: StepResult) -> bool:
+    """Penalties count a sequence's output tokens on the host: the step after must wait."""
+    return any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or
+               p.frequency_penalty != 0.0 for p in (seq.params for seq in result.seqs))
 
 
 def _skip_draws(generator: torch.Generator, num_steps: int, vocab_size: int) -> None:

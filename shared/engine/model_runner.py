@@ -8,12 +8,13 @@ and import (kv_transfer.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoConfig
 
 from pagewire.config import EngineConfig
+from pagewire.device_copies import HostCopy, to_device
 from pagewire.engine.cuda_graphs import DecodeGraphs
 from pagewire.engine.scheduler import ScheduledBatch
 from pagewire.engine.sequence import Sequence
@@ -44,10 +45,18 @@ class KVCacheInfo:
 
 @dataclass
 class StepResult:
-    """Sampled tokens of the sequences that finished computing their tokens this step."""
+    """Sampled tokens of the sequences that finished computing their tokens this step. The
+    tokens stay on the device (the next step may read them there) while a copy to the host
+    runs in the background; host_output() waits for that copy alone."""
 
     seqs: list[Sequence]
     output: SamplerOutput | None
+    host_copy: HostCopy | None = None
+    row_of: dict[Sequence, int] = field(default_factory=dict)
+
+    def host_output(self) -> SamplerOutput:
+        assert self.output is not None and self.host_copy is not None
+        return SamplerOutput(*self.host_copy.wait())
 
 
 class ModelRunner:
@@ -127,7 +136,9 @@ class ModelRunner:
         return int(total * self.config.gpu_memory_utilization) - peak
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepResult:
+    def execute(self, batch: ScheduledBatch, in_flight: StepResult | None = None) -> StepResult:
+        """Launches the step; returns without waiting for the device. A sequence whose last
+        token was sampled by `in_flight` (still running) reads that token on the device."""
         # Decode-shaped sequences (one new token) first: attention groups them.
         order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] != 1)
         seqs = [batch.seqs[i] for i in order]
@@ -137,53 +148,86 @@ class ModelRunner:
         context_lens: list[int] = []
         logit_rows: list[int] = []
         sampling_seqs: list[Sequence] = []
+        patch_rows: list[int] = []  # input rows whose token is in in_flight's output...
+        patch_sources: list[int] = []  # ...at these rows
         for seq, n in zip(seqs, num_new):
             start = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[start:start + n])
+            known = seq.token_ids[start:start + n]
+            if len(known) < n:  # the last input is still on the device
+                assert len(known) == n - 1 and in_flight is not None, "input tokens missing"
+                patch_rows.append(len(input_ids) + len(known))
+                patch_sources.append(in_flight.row_of[seq])
+                known = known + [0]
+            input_ids.extend(known)
             positions.extend(range(start, start + n))
             context_lens.append(start + n)
             if start + n == seq.num_tokens:  # all known tokens computed: sample the next
                 logit_rows.append(len(input_ids) - 1)
                 sampling_seqs.append(seq)
-        block_tables = [s.block_table for s in seqs]
-        graphs = self.decode_graphs
-        if graphs is not None and len(seqs) <= graphs.max_batch and \
-                len(input_ids) == len(seqs):  # decode only: one new token per sequence
-            hidden = graphs.run(input_ids, positions, context_lens, block_tables)
-        else:
-            meta = build_attention_metadata(num_new, context_lens, block_tables,
-                                            self.config.block_size, self.device)
-            hidden = self.model(torch.tensor(input_ids, device=self.device),
-                                torch.tensor(positions, device=self.device),
-                                self.layer_caches, meta)
+        patch = None
+        if patch_rows:
+            rows = to_device(patch_rows, torch.long, self.device)
+            sources = to_device(patch_sources, torch.long, self.device)
+
+            def patch(ids: torch.Tensor) -> None:
+                ids[rows] = in_flight.output.sampled_token_ids[sources]
+        hidden = self._forward(seqs, num_new, input_ids, positions, context_lens, patch)
         if not sampling_seqs:
             return StepResult([], None)
         if len(logit_rows) < hidden.shape[0]:
-            hidden = hidden[torch.tensor(logit_rows, device=self.device)]
+            hidden = hidden[to_device(logit_rows, torch.long, self.device)]
         logits = self.model.compute_logits(hidden)
-        _mask_stops_before_min_tokens(logits, sampling_seqs)
+        self._mask_stops_before_min_tokens(logits, sampling_seqs)
         sampling = SamplingMetadata.build(
             [s.params for s in sampling_seqs],
             [s.prompt_token_ids for s in sampling_seqs],
             [s.output_token_ids for s in sampling_seqs],
             [s.generator for s in sampling_seqs],
             self.spec.vocab_size, self.device)
-        return StepResult(sampling_seqs, self.sampler(logits, sampling))
+        out = self.sampler(logits, sampling)
+        return StepResult(sampling_seqs, out, HostCopy([out.sampled_token_ids, out.sampled_logprobs,
+                                                   out.top_logprob_ids, out.top_logprobs]),
+                          {seq: row for row, seq in enumerate(sampling_seqs)})
 
-    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """[n, layers, 2, block_size, kv_heads, head_dim] on the CPU, for export."""
-        index = torch.tensor(block_ids, device=self.device)
-        return self.kv_cache.index_select(2, index).movedim(2, 0).contiguous().cpu()
+    def _forward(self, seqs, num_new, input_ids, positions, context_lens, patch) -> torch.Tensor:
+        block_tables = [s.block_table for s in seqs]
+        graphs = self.decode_graphs
+        if graphs is not None and len(seqs) <= graphs.max_batch and \
+                len(input_ids) == len(seqs):  # decode only: one new token per sequence
+            return graphs.run(input_ids, positions, context_lens, block_tables, patch)
+        meta = build_attention_metadata(num_new, context_lens, block_tables,
+                                        self.config.block_size, self.device)
+        ids = to_device(input_ids, torch.long, self.device)
+        if patch is not None:
+            patch(ids)
+        return self.model(ids, to_device(positions, torch.long, self.device),
+                          self.layer_caches, meta)
+
+    def _mask_stops_before_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        rows: list[int] = []
+        cols: list[int] = []
+        for row, seq in enumerate(seqs):
+            params = seq.params
+            # Pending tokens count: this step samples the token after them.
+            if seq.num_tokens - seq.num_prompt_tokens < params.min_tokens:
+                stop_ids = list(params.stop_token_ids) + list(seq.eos_token_ids)
+                rows += [row] * len(stop_ids)
+                cols += stop_ids
+        if rows:
+            logits[to_device(rows, torch.long, self.device),
+                   to_device(cols, torch.long, self.device)] = float("-inf")
+
+    def read_blocks(self, block_ids: list[int]) -> HostCopy:
+        """Starts copying blocks out, as [n, layers, 2, block_size, kv_heads, head_dim] on the
+        host (pinned). The copy is queued behind the steps already launched and before any
+        later one, so the blocks may be freed and reused as soon as this returns."""
+        index = to_device(block_ids, torch.long, self.device)
+        return HostCopy([self.kv_cache.index_select(2, index).movedim(2, 0).contiguous()])
 
     def write_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
-        index = torch.tensor(block_ids, device=self.device)
-        self.kv_cache.index_copy_(2, index, blocks.to(self.device, self.dtype).movedim(0, 2))
+        """Queues imported blocks into the cache (from pinned memory when `blocks` is pinned
+        already, else staged there) without waiting for the steps in flight."""
+        index = to_device(block_ids, torch.long, self.device)
+        self.kv_cache.index_copy_(2, index, to_device(blocks, self.dtype, self.device)
+                                  .movedim(0, 2))
 
-
-def _mask_stops_before_min_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> None:
-    for row, seq in enumerate(seqs):
-        params = seq.params
-        if seq.num_output_tokens < params.min_tokens:
-            stop_ids = list(params.stop_token_ids) + list(seq.eos_token_ids)
-            if stop_ids:
-                logits[row, stop_ids] = float("-inf")

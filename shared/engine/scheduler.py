@@ -60,6 +60,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.reached_max_tokens:  # its last token is in flight: nothing left to compute
+                i += 1
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.allocate(seq.block_table,
                                                   seq.num_computed_tokens + num_new):
@@ -75,7 +78,9 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        # A sequence whose last token is in flight (async scheduling) leaves its seat now.
+        num_active = sum(not seq.reached_max_tokens for seq in self.running)
+        while self.waiting and budget > 0 and num_active < self.max_num_seqs:
             seq = self.waiting[0]
             cached_blocks: list[int] = []
             if not seq.block_table:
@@ -96,6 +101,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            num_active += 1
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             batch.num_prefix_hit_tokens += num_cached

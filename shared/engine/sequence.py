@@ -1,8 +1,12 @@
 """A request's state inside the engine, counted in tokens (STYLE.md, habit 6).
 
-`num_computed_tokens` tokens of `token_ids` have KV in `block_table`. A prefill chunk, a prefix
-hit, an imported KV prefix and a decode step all just advance it; when it reaches len(token_ids)
-the sequence samples its next token.
+`num_computed_tokens` tokens of the sequence have KV in `block_table`. A prefill chunk, a prefix
+hit, an imported KV prefix and a decode step all just advance it; when it reaches num_tokens the
+sequence samples its next token.
+
+With async scheduling a sampled token is known to the device before the host reads it back:
+`num_pending_tokens` (0, 1 or 2) such tokens follow `token_ids` and count in `num_tokens`, so the
+scheduler can plan the next step before the host has them.
 """
 
 from __future__ import annotations
@@ -46,13 +50,15 @@ class Sequence:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     generator: torch.Generator | None = None  # per-request RNG when params.seed is set
     eos_token_ids: frozenset[int] = frozenset()  # empty when params.ignore_eos
-    hold_kv: bool = False
+    hold_kv: bool = False  # keep blocks after finishing, for KV export (prefill role)
     # Set while the sequence only holds blocks awaiting imported KV (reserve_kv): the number
     # of leading blocks that came from this engine's prefix cache.
-    reserved_blocks: int | None = None  # keep blocks after finishing, for KV export (prefill role)
+    reserved_blocks: int | None = None
     # Logprobs of each output token: (sampled logprob, {token_id: logprob} of the top-n).
     output_logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
     num_preemptions: int = 0
+    num_pending_tokens: int = 0  # sampled on the device, not yet appended (async scheduling)
+    max_num_tokens: int | None = None  # prompt + max_tokens within the context (engine sets it)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -60,7 +66,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -72,13 +78,22 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
+        """Output tokens the host has (pending ones not counted)."""
         return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def reached_max_tokens(self) -> bool:
+        """Its pending tokens end it by length: scheduling it again would be wasted work."""
+        return self.max_num_tokens is not None and self.num_tokens >= self.max_num_tokens
 
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
     def append_token(self, token_id: int) -> None:
+        """Adds a sampled token (the oldest pending one, if any)."""
+        if self.num_pending_tokens:
+            self.num_pending_tokens -= 1
         self.token_ids.append(token_id)
         self._update_hashes()
 

@@ -20,6 +20,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from pagewire.device_copies import to_device
 from pagewire.model.cpu_kernels import paged_decode_attention_op
 
 
@@ -101,10 +102,10 @@ def build_attention_metadata(
     slots = tables[seq_of_token, positions // block_size].long() * block_size + \
         positions % block_size
     return AttentionMetadata(
-        slot_mapping=slots.to(device),
-        query_start_loc=starts.to(device),
-        seq_lens=clens.to(device),
-        block_tables=tables.to(device),
+        slot_mapping=to_device(slots, torch.long, device),
+        query_start_loc=to_device(starts, torch.int32, device),
+        seq_lens=to_device(clens, torch.int32, device),
+        block_tables=to_device(tables, torch.int32, device),
         num_decode_seqs=num_decode,
         max_query_len=max(query_lens, default=0),
         max_seq_len=max(context_lens, default=0),

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pagewire.device_copies import to_device
+
 from .params import GREEDY_TEMPERATURE_EPS, SamplingParams
 
 
@@ -53,7 +55,7 @@ class SamplingMetadata:
         def column(values: list, neutral: float, dtype: torch.dtype) -> Tensor | None:
             if all(v == neutral for v in values):
                 return None
-            return torch.tensor(values, dtype=dtype, device=device)
+            return to_device(values, dtype, device)
 
         repetition = column([p.repetition_penalty for p in params], 1.0, torch.float32)
         presence = column([p.presence_penalty for p in params], 0.0, torch.float32)
@@ -61,10 +63,10 @@ class SamplingMetadata:
         any_penalty = repetition is not None or presence is not None or frequency is not None
         asked = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
-            temperature=torch.tensor(
+            temperature=to_device(
                 [0.0 if g else p.temperature for p, g in zip(params, greedy)],
-                dtype=torch.float32,
-                device=device,
+                torch.float32,
+                device,
             ),
             top_k=column([max(p.top_k, 0) if p else 0 for p in random_params], 0, torch.int64),
             top_p=column([p.top_p if p else 1.0 for p in random_params], 1.0, torch.float32),
@@ -205,4 +207,5 @@ def _bin_counts(token_ids: Tensor, num_rows: int, vocab_size: int) -> Tensor:
 def _pad(rows: list[list[int]], pad_id: int, device: torch.device | str) -> Tensor:
     width = max((len(r) for r in rows), default=0)
     padded = [r + [pad_id] * (width - len(r)) for r in rows]
-    return torch.tensor(padded, dtype=torch.int64).reshape(len(rows), width).to(device)
+    return to_device(torch.tensor(padded, dtype=torch.int64).reshape(len(rows), width),
+                     torch.int64, device)
