@@ -18,21 +18,31 @@ logger = logging.getLogger(__name__)
 
 
 def run_service(start: Callable[[], Awaitable[S]], stop: Callable[[S], Awaitable[object]]) -> int:
+    """Serves until signalled (exit 0) or until the service's `fatal` future, if it has one,
+    says it can no longer serve (exit 1: compose restarts it, `pagewire up` stops the stack,
+    and its registry entry expires instead of advertising a worker that answers nothing)."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(_until_signalled(start, stop))
-    return 0
+    return asyncio.run(_until_signalled(start, stop))
 
 
-async def _until_signalled(start, stop) -> None:
+async def _until_signalled(start, stop) -> int:
     server = await start()
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopped.set)
-    await stopped.wait()
-    logger.info("stopping: finishing in-flight calls")
+    signalled = asyncio.ensure_future(stopped.wait())
+    fatal = getattr(server, "fatal", None)
+    await asyncio.wait([signalled] + ([fatal] if fatal is not None else []),
+                       return_when=asyncio.FIRST_COMPLETED)
+    if fatal is not None and fatal.done():
+        logger.error("stopping: %s", fatal.result())
+    else:
+        logger.info("stopping: finishing in-flight calls")
+    signalled.cancel()
     await stop(server)
+    return 1 if fatal is not None and fatal.done() else 0
 
 
 async def add_health(server: grpc.aio.Server, service_name: str) -> None:

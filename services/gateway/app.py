@@ -22,10 +22,21 @@ from .errors import APIError, install_error_handlers
 from .generation import merge_choices, run_choice
 from .limits import BodySizeLimit
 from .metrics import GatewayMetrics
-from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from .requests import choice_specs, logprobs_of, max_tokens_of, new_request_id
+from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, SamplingFields
+from .requests import check_limits, choice_specs, logprobs_of, max_tokens_of, new_request_id
 
 logger = logging.getLogger(__name__)
+
+# What the OpenAPI schema says every route may answer besides its success (no FastAPI 422:
+# validation errors are 400s in OpenAI's shape).
+ERROR_RESPONSES = {"4XX": {"model": ErrorResponse, "description": "The request was refused"},
+                   "5XX": {"model": ErrorResponse, "description": "The server or a worker failed"}}
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "A JSON chunk; `[DONE]` ends the stream"}}}
+ANSWER_RESPONSES = {200: {"description": "One JSON answer, or an SSE stream when `stream` is set",
+                          "content": {"text/event-stream": {"schema": SSE_EVENT}}}}
+METRICS_RESPONSES = {200: {"description": "Prometheus text format",
+                           "content": {"text/plain": {"schema": {"type": "string"}}}}}
 
 
 def create_app(config: GatewayConfig) -> FastAPI:
@@ -40,7 +51,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         finally:
             await backend.close()
 
-    app = FastAPI(title="pagewire", lifespan=lifespan)
+    app = FastAPI(title="pagewire", lifespan=lifespan, responses=ERROR_RESPONSES)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
     auth = Depends(_api_key_checker(config.api_key))
@@ -56,7 +67,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
                                             "owned_by": "pagewire",
                                             "max_model_len": info.max_model_len}]}
 
-    @app.get("/metrics", dependencies=[auth])
+    @app.get("/metrics", dependencies=[auth], responses=METRICS_RESPONSES)
     async def metrics(request: Request) -> Response:
         """Prometheus text: this gateway's request series and every live worker's load."""
         try:
@@ -77,23 +88,26 @@ def create_app(config: GatewayConfig) -> FastAPI:
              "kv_blocks_total": w.kv_blocks_total, "served": w.served}
             for w in info.workers]}
 
-    @app.post("/v1/completions", dependencies=[auth])
+    @app.post("/v1/completions", dependencies=[auth], responses=ANSWER_RESPONSES)
     async def completions(body: CompletionRequest, request: Request):
         backend = request.app.state.backend
         _check_model(request, body.model)
+        check_limits(body, config)
         if isinstance(body.prompt, str):
             prompt_ids = await backend.tokenize_text(body.prompt)
         else:
             prompt_ids = _checked_token_ids(request, body.prompt)
         return await _serve(request, body, prompt_ids, config, chat=False)
 
-    @app.post("/v1/chat/completions", dependencies=[auth])
+    @app.post("/v1/chat/completions", dependencies=[auth], responses=ANSWER_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         backend = request.app.state.backend
         _check_model(request, body.model)
+        check_limits(body, config)
         if not request.app.state.model_info.has_chat_template:
             raise APIError(400, "this model has no chat template", param="messages")
-        prompt_ids = await backend.tokenize_chat([(m.role, m.content) for m in body.messages])
+        prompt_ids = await backend.tokenize_chat([(_template_role(m.role), m.content)
+                                                  for m in body.messages])
         return await _serve(request, body, prompt_ids, config, chat=True)
 
     return app
@@ -109,6 +123,11 @@ def _api_key_checker(api_key: str | None):
                                                                  api_key.encode()):
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
     return check
+
+
+def _template_role(role: str) -> str:
+    # OpenAI's newer name for the system role; chat templates know only "system".
+    return "system" if role == "developer" else role
 
 
 def _check_model(request: Request, model: str) -> None:

@@ -5,9 +5,12 @@ Translates between Python values and protobuf messages; holds no request state o
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
-from pagewire.services.grpc_options import KEEPALIVE_CHANNEL_OPTIONS
+from pagewire.services.grpc_options import CHANNEL_OPTIONS
+from pagewire.services.tokenizer.config import DEFAULT_MAX_MESSAGE_BYTES
 from pagewire.v1 import common_pb2, router_pb2, router_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 
 MODEL_INFO_TIMEOUT_S = 10.0
@@ -18,10 +21,13 @@ class Backend:
     """Tokenizer and router stubs; `close()` closes both channels."""
 
     def __init__(self, tokenizer_address: str, router_address: str) -> None:
-        self._tokenizer_channel = grpc.aio.insecure_channel(
-            tokenizer_address, options=KEEPALIVE_CHANNEL_OPTIONS)
+        # A prompt body of a few MiB tokenizes to more than gRPC's default 4 MiB of ids: take
+        # what the tokenizer may send, so the context check answers it (400), not a 503.
+        self._tokenizer_channel = grpc.aio.insecure_channel(tokenizer_address, options=[
+            ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+            *CHANNEL_OPTIONS])
         self._router_channel = grpc.aio.insecure_channel(
-            router_address, options=KEEPALIVE_CHANNEL_OPTIONS)
+            router_address, options=CHANNEL_OPTIONS)
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(self._tokenizer_channel)
         self.router = router_pb2_grpc.RouterStub(self._router_channel)
         self._token_bytes: dict[int, bytes] = {}
@@ -92,10 +98,14 @@ class Detokenizer:
             request.prompt_token_ids.extend(self._prompt_token_ids)
             request.skip_special_tokens = True
             self._started = True
-        await self._call.write(request)
+        try:
+            await self._call.write(request)
+        except asyncio.InvalidStateError:
+            pass  # the call ended (the tokenizer went away): read() raises its status
         response = await self._call.read()
-        if response is grpc.aio.EOF:
-            raise RuntimeError("detokenizer stream ended early")
+        if response is grpc.aio.EOF:  # an error like any other gRPC failure, for the caller
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE,
+                                       details="the detokenizer stream ended early")
         return response.text
 
     def close(self) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .protocol import MAX_N
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -22,6 +24,13 @@ class GatewayConfig:
     """End-to-end deadline of one generation, handed to the router as timeout_ms."""
     max_body_bytes: int = 8 << 20
     """Largest request body; a bigger one gets 413 (a 128k-token chat is about 0.5 MB)."""
+    max_n: int = 8
+    """Most choices one request may ask for (`n`); each is its own sequence on a worker."""
+    max_stop_strings: int = 16
+    """Most stop strings in one request."""
+    max_stop_string_chars: int = 256
+    """Longest stop string, in characters: the matcher's automaton grows with their total size
+    (about 0.25 kB per character), and requests' automata are cached."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -32,6 +41,13 @@ class GatewayConfig:
             raise ValueError(f"max_body_bytes must be > 0, got {self.max_body_bytes}")
         if self.api_key == "":
             raise ValueError("api_key must be non-empty when set")
+        if not 1 <= self.max_n <= MAX_N:
+            raise ValueError(f"max_n must be in 1..{MAX_N}, got {self.max_n}")
+        if self.max_stop_strings < 0:
+            raise ValueError(f"max_stop_strings must be >= 0, got {self.max_stop_strings}")
+        if self.max_stop_string_chars < 1:
+            raise ValueError("max_stop_string_chars must be >= 1, got "
+                             f"{self.max_stop_string_chars}")
 
     @classmethod
     def from_env(cls) -> GatewayConfig:
@@ -47,4 +63,9 @@ class GatewayConfig:
                                             defaults.request_timeout_s)),
             max_body_bytes=int(env.get("PAGEWIRE_GATEWAY_MAX_BODY_BYTES",
                                        defaults.max_body_bytes)),
+            max_n=int(env.get("PAGEWIRE_GATEWAY_MAX_N", defaults.max_n)),
+            max_stop_strings=int(env.get("PAGEWIRE_GATEWAY_MAX_STOP_STRINGS",
+                                         defaults.max_stop_strings)),
+            max_stop_string_chars=int(env.get("PAGEWIRE_GATEWAY_MAX_STOP_STRING_CHARS",
+                                              defaults.max_stop_string_chars)),
         )

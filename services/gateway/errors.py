@@ -60,7 +60,7 @@ def _response(exc: APIError) -> JSONResponse:
 
 def _validation_param(error: dict) -> str | None:
     loc = [str(part) for part in error.get("loc", ()) if part not in ("body",)]
-    # Union members add their type name to the location ("prompt.str"): keep the field path.
+    # A string-or-list field names the form it was read as ("prompt.list.0"): kept, it helps.
     return ".".join(loc) or None
 
 
@@ -70,9 +70,12 @@ async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
 
 async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":  # its location is a character offset, not a field
+        error = first.get("ctx", {}).get("error", "")
+        return _response(APIError(400, f"The body is not valid JSON: {error} at character "
+                                       f"{first['loc'][-1]}.", code="invalid_json"))
     param = _validation_param(first)
-    message = f"{param}: {first.get('msg', 'invalid request')}" if param else first.get(
-        "msg", "invalid request")
+    message = f"{param or 'body'}: {first.get('msg', 'invalid request')}"
     return _response(APIError(400, message, param=param, code="invalid_value"))
 
 
@@ -86,8 +89,14 @@ async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return _response(APIError(exc.status_code, str(exc.detail), type_))
 
 
+async def _on_bug(_: Request, exc: Exception) -> JSONResponse:
+    # Starlette re-raises after answering, so the traceback still reaches the server's log.
+    return _response(APIError(500, f"internal error: {type(exc).__name__}", "server_error"))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(grpc.aio.AioRpcError, _on_grpc)
     app.add_exception_handler(StarletteHTTPException, _on_http)
+    app.add_exception_handler(Exception, _on_bug)

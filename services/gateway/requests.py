@@ -1,6 +1,7 @@
 """From a validated OpenAI request to what the router needs: sampling options and choice specs.
 
-Checks the context limit; raises APIError (400) for what the model cannot serve.
+Checks the operator's limits and the context limit; raises APIError (400) for what this server
+will not serve.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import uuid
 
 from pagewire.v1 import common_pb2
 
+from .config import GatewayConfig
 from .errors import bad_request
 from .generation import ChoiceSpec
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -18,6 +20,21 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def check_limits(request: SamplingFields, config: GatewayConfig) -> None:
+    """The operator's per-request limits, checked before any work is done."""
+    if request.n > config.max_n:
+        raise bad_request(f"n is {request.n}; this server returns at most {config.max_n} "
+                          "choices per request", param="n")
+    stops = request.stop_strings
+    if len(stops) > config.max_stop_strings:
+        raise bad_request(f"{len(stops)} stop strings; this server accepts at most "
+                          f"{config.max_stop_strings}", param="stop")
+    longest = max(map(len, stops), default=0)
+    if longest > config.max_stop_string_chars:
+        raise bad_request(f"a stop string of {longest} characters; this server accepts at most "
+                          f"{config.max_stop_string_chars}", param="stop")
 
 
 def max_tokens_of(request: SamplingFields, prompt_len: int, max_model_len: int) -> int:

@@ -23,6 +23,14 @@ def parse_config(argv: list[str] | None = None) -> GatewayConfig:
                         help="env PAGEWIRE_GATEWAY_REQUEST_TIMEOUT_S")
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
                         help="largest request body (env PAGEWIRE_GATEWAY_MAX_BODY_BYTES)")
+    parser.add_argument("--max-n", type=int, default=defaults.max_n,
+                        help="most choices per request (env PAGEWIRE_GATEWAY_MAX_N)")
+    parser.add_argument("--max-stop-strings", type=int, default=defaults.max_stop_strings,
+                        help="most stop strings per request (env "
+                             "PAGEWIRE_GATEWAY_MAX_STOP_STRINGS)")
+    parser.add_argument("--max-stop-string-chars", type=int,
+                        default=defaults.max_stop_string_chars,
+                        help="longest stop string (env PAGEWIRE_GATEWAY_MAX_STOP_STRING_CHARS)")
     args = parser.parse_args(argv)
     return dataclasses.replace(defaults, **vars(args))
 

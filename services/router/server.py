@@ -25,12 +25,13 @@ from pagewire.cluster.registry import WorkerInfo, WorkerRegistry
 from pagewire.cluster.routing import (
     ROUTING_POLICIES,
     RoutingWeights,
+    keeps_decode,
     pick_decode_worker,
     pick_prefill_worker,
 )
 from pagewire.engine.prefix_hash import hash_full_blocks
 from pagewire.services.grpc_errors import InvalidRequest, Unavailable, grpc_errors
-from pagewire.services.grpc_options import KEEPALIVE_CHANNEL_OPTIONS, KEEPALIVE_SERVER_OPTIONS
+from pagewire.services.grpc_options import CHANNEL_OPTIONS, KEEPALIVE_SERVER_OPTIONS
 from pagewire.services.lifecycle import add_health, run_service
 from pagewire.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -127,7 +128,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     def _stub(self, worker: WorkerInfo) -> worker_pb2_grpc.WorkerStub:
         if worker.address not in self._channels:
             self._channels[worker.address] = grpc.aio.insecure_channel(
-                worker.address, options=KEEPALIVE_CHANNEL_OPTIONS)
+                worker.address, options=CHANNEL_OPTIONS)
         return worker_pb2_grpc.WorkerStub(self._channels[worker.address])
 
     # ---- the request --------------------------------------------------------------------------
@@ -164,20 +165,29 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                                    lost.worker.worker_id)
 
     def _is_suspect(self, worker: WorkerInfo) -> bool:
-        """A worker that refused a connection is skipped until the registry catches up."""
-        return self._suspects.get(worker.worker_id, 0.0) > time.monotonic()
+        """A worker that refused a connection is skipped until the registry catches up, or
+        until our channel to it connects again (it was restarted)."""
+        if self._suspects.get(worker.worker_id, 0.0) <= time.monotonic():
+            return False
+        channel = self._channels.get(worker.address)
+        if channel is not None and channel.get_state(try_to_connect=True) == \
+                grpc.ChannelConnectivity.READY:
+            del self._suspects[worker.worker_id]
+            return False
+        return True
 
     async def _route(self, rid, prompt, sampling, prefills, decodes, cached, num_full_blocks):
         # From the picks to the in-flight update no await: concurrent requests must each see
         # the load the ones before them added, or a burst lands on one worker.
         needed = -(-len(prompt) // decodes[0].block_size)
-        decode = pick_decode_worker(self._with_inflight(decodes), needed, self.config.weights)
+        prefills = self._with_inflight(prefills)
         if self.config.policy == "round-robin":
             prefill = sorted(prefills, key=lambda w: w.worker_id)[self._turn % len(prefills)]
             self._turn += 1
         else:
-            prefill = pick_prefill_worker(self._with_inflight(prefills), cached,
-                                          num_full_blocks, self.config.weights)
+            prefill = pick_prefill_worker(prefills, cached, num_full_blocks, self.config.weights)
+        decode = prefill if keeps_decode(prefill, needed) else pick_decode_worker(
+            self._with_inflight(decodes), needed, self.config.weights)
         chosen = [decode] if decode.worker_id == prefill.worker_id else [prefill, decode]
         self._inflight.update(w.worker_id for w in chosen)
         self._inflight_blocks[decode.worker_id] += needed
@@ -253,6 +263,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or not others or \
                         len(tried) >= PREFILL_ATTEMPTS:
                     raise _lost(prefill, exc) from None
+                self._suspects[prefill.worker_id] = time.monotonic() + SUSPECT_S
                 logger.warning("prefill worker %s failed (%s); retrying", prefill.worker_id,
                                exc.code())
                 prefill = pick_prefill_worker(others, {}, 0, self.config.weights)

@@ -35,6 +35,10 @@ class WorkerConfig:
     kv_chunk_bytes: int = 4 << 20
     """Largest KV message of a transfer (whole blocks; at least one block per message)."""
     max_message_bytes: int = 64 << 20
+    test_kv_push_pause_s: float = 0.0
+    """Fault injection for tests only (env PAGEWIRE_TEST_KV_PUSH_PAUSE_S): the sender waits
+    this long before each KV message after the header, so a test can kill it mid-transfer.
+    Always 0 in a real deployment."""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -43,6 +47,8 @@ class WorkerConfig:
             raise ValueError(f"port must be in [0, 65535]; got {self.port}")
         if self.kv_chunk_bytes <= 0 or self.max_message_bytes <= self.kv_chunk_bytes:
             raise ValueError("need 0 < kv_chunk_bytes < max_message_bytes")
+        if self.test_kv_push_pause_s < 0:
+            raise ValueError(f"test_kv_push_pause_s must be >= 0; got {self.test_kv_push_pause_s}")
 
     @classmethod
     def from_env(cls, environ=os.environ) -> WorkerConfig:
@@ -54,6 +60,7 @@ class WorkerConfig:
                 raise ValueError(f"{name} must be an integer; got {value!r}") from None
 
         engine = EngineConfig(model=environ.get("PAGEWIRE_MODEL") or None,
+                              load_format=environ.get("PAGEWIRE_LOAD_FORMAT") or "auto",
                               kv_cache_memory_bytes=number("PAGEWIRE_KV_CACHE_BYTES", None),
                               max_model_len=number("PAGEWIRE_MAX_MODEL_LEN", None),
                               show_progress=False)
@@ -63,7 +70,8 @@ class WorkerConfig:
                    worker_id=environ.get("PAGEWIRE_WORKER_ID") or None, engine=engine,
                    redis_url=environ.get("PAGEWIRE_REDIS_URL") or None,
                    redis_namespace=environ.get("PAGEWIRE_REDIS_NAMESPACE", "pagewire"),
-                   advertise_address=environ.get("PAGEWIRE_WORKER_ADVERTISE") or None)
+                   advertise_address=environ.get("PAGEWIRE_WORKER_ADVERTISE") or None,
+                   test_kv_push_pause_s=float(environ.get("PAGEWIRE_TEST_KV_PUSH_PAUSE_S") or 0))
 
 
 def advertised_address(config: WorkerConfig, port: int) -> str:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import grpc
 import torch
 
+from pagewire.config import LOAD_FORMATS
 from pagewire.engine.async_engine import AsyncEngine
 from pagewire.engine.kv_transfer import KV_DTYPES, KVLayout
 from pagewire.engine.llm_engine import LLMEngine
@@ -28,7 +29,7 @@ from pagewire.services.grpc_errors import (
     NotFound,
     grpc_errors,
 )
-from pagewire.services.grpc_options import KEEPALIVE_CHANNEL_OPTIONS, KEEPALIVE_SERVER_OPTIONS
+from pagewire.services.grpc_options import CHANNEL_OPTIONS, KEEPALIVE_SERVER_OPTIONS
 from pagewire.services.lifecycle import add_health, run_service
 from pagewire.services.worker.announcer import Announcer
 from pagewire.services.worker.config import WorkerConfig, advertised_address
@@ -37,6 +38,13 @@ from pagewire.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 60.0
+
+
+class TruncatedTransfer(InvalidRequest):
+    """A KV transfer that ended before all the blocks its header declares: its sender was
+    killed or cut off mid-way (gRPC shows a dead client's stream as a clean end). The partial
+    blocks are dropped; the reservation outlives it, for a retry from another prefill worker,
+    bounded by its transfer timeout and by the Decode call that holds it."""
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -69,10 +77,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if final.outputs[0].finish_reason == "abort":
                 raise Aborted(f"{rid!r} was aborted during its prefill")
             try:
-                num_tokens, blocks = await self.engine.call(
-                    lambda e: e.export_kv_blocks(rid, request.skip_blocks))
-            finally:  # the blocks are copied out (or the export failed): free them now
+                export = await self.engine.call(
+                    lambda e: e.start_kv_export(rid, request.skip_blocks))
+            finally:  # the copy is queued ahead of any later step (or failed): free the blocks
                 await self.engine.call(lambda e: e.abort_request(rid))
+            # Waited for here, off the engine thread: the next batch is not held up.
+            blocks, num_tokens = await asyncio.to_thread(export.wait), export.num_tokens
             completion = final.outputs[0]
             header = self._kv_header(rid, num_tokens, request.skip_blocks, blocks.shape[0],
                                      final)
@@ -106,23 +116,32 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise InvalidRequest("decode_worker_address is empty")
         block_bytes = self.engine.engine.kv_layout.block_bytes
         per_message = max(1, self.config.kv_chunk_bytes // block_bytes)
+        pause_s = self.config.test_kv_push_pause_s
 
-        def chunks():
+        async def chunks():
             yield worker_pb2.KVChunk(header=header)
+            if pause_s:
+                logger.warning("test hook: KV push of %r to %s pauses %.1f s per message",
+                               header.request_id, address, pause_s)
             for first in range(0, blocks.shape[0], per_message):
+                if pause_s:
+                    await asyncio.sleep(pause_s)
                 data = blocks[first:first + per_message].contiguous().view(torch.uint8)
                 yield worker_pb2.KVChunk(blocks=worker_pb2.KVBlocks(
                     first_block=first, data=data.numpy().tobytes()))
 
         stub = worker_pb2_grpc.WorkerStub(self._channel(address))
-        await stub.PushKV(chunks())
+        try:
+            await stub.PushKV(chunks())
+        except grpc.aio.AioRpcError as exc:
+            raise _push_failed(address, exc) from None
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
             limit = self.config.max_message_bytes
             self._channels[address] = grpc.aio.insecure_channel(address, options=[
                 ("grpc.max_send_message_length", limit),
-                ("grpc.max_receive_message_length", limit), *KEEPALIVE_CHANNEL_OPTIONS])
+                ("grpc.max_receive_message_length", limit), *CHANNEL_OPTIONS])
         return self._channels[address]
 
     # ---- decode role --------------------------------------------------------------------------
@@ -178,36 +197,52 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     arrived = self._transfers.get(header.request_id)
                     if arrived is None:
                         raise NotFound(f"no reservation awaits KV for {header.request_id!r}")
+                    layout = self._checked_layout(header)  # at the handshake, not after the data
+                    declared = header.num_blocks * layout.block_bytes
+                    received = 0
                 elif header is None:
                     raise InvalidRequest("KV blocks before the KV header")
                 else:
+                    received += len(chunk.blocks.data)
+                    if received > declared:  # refused as it arrives, never buffered
+                        raise InvalidRequest(f"the transfer holds over {declared} bytes, the "
+                                             f"{header.num_blocks} blocks its header declares")
                     parts.append(chunk.blocks.data)
             if header is None:
                 raise InvalidRequest("an empty KV transfer")
-            layout, blocks = self._checked_blocks(header, parts)
-        except BaseException as exc:
+            blocks = self._checked_blocks(header, layout, parts)
+        except TruncatedTransfer:
+            raise  # its sender died mid-way: the reservation waits for the router's retry
+        except Exception as exc:  # a wrong transfer fails the waiting Decode with its reason
             if arrived is not None and not arrived.done():
-                arrived.set_exception(exc if isinstance(exc, Exception)
-                                      else ConnectionError("KV transfer cancelled"))
+                arrived.set_exception(exc)
             raise
         if arrived.done():  # the reservation timed out meanwhile
             raise NotFound(f"the reservation for {header.request_id!r} has ended")
         arrived.set_result((header, layout, blocks))
         return worker_pb2.PushKVResponse(num_blocks=header.num_blocks)
 
-    def _checked_blocks(self, header, parts: list[bytes]) -> tuple[KVLayout, torch.Tensor]:
+    def _checked_layout(self, header) -> KVLayout:
         if header.dtype not in KV_DTYPES:
             raise InvalidRequest(f"unknown KV dtype {header.dtype!r}")
         layout = KVLayout(header.model, header.dtype, header.block_size, header.num_layers,
                           header.num_kv_heads, header.head_dim)
         self.engine.engine.kv_layout.check_matches(layout)  # immutable: safe off the engine thread
+        return layout
+
+    def _checked_blocks(self, header, layout: KVLayout, parts: list[bytes]) -> torch.Tensor:
         data = b"".join(parts)
+        if len(data) < header.num_blocks * layout.block_bytes:
+            raise TruncatedTransfer(f"the transfer ended after {len(data)} bytes of the "
+                                    f"{header.num_blocks} blocks of {layout.block_bytes} its "
+                                    "header declares")
         if len(data) != header.num_blocks * layout.block_bytes:
             raise InvalidRequest(f"the transfer holds {len(data)} bytes; its header declares "
                                  f"{header.num_blocks} blocks of {layout.block_bytes}")
+        if not data:  # every block already cached on this side (frombuffer refuses b"")
+            return torch.empty(0, *layout.block_shape, dtype=KV_DTYPES[header.dtype])
         blocks = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return layout, blocks.view(KV_DTYPES[header.dtype]).view(header.num_blocks,
-                                                                 *layout.block_shape)
+        return blocks.view(KV_DTYPES[header.dtype]).view(header.num_blocks, *layout.block_shape)
 
     # ---- both roles ---------------------------------------------------------------------------
 
@@ -242,6 +277,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return await self.engine.call(stats)
 
 
+def _push_failed(address: str, exc: grpc.aio.AioRpcError) -> Exception:
+    """The decode worker's refusal passed on with its own status. Anything else (the decode
+    worker gone, its reservation cancelled) aborts the request, as CANCELLED, never as
+    UNAVAILABLE: that would tell the router this prefill worker is lost and to retry."""
+    message = f"KV push to {address} failed: {exc.code().name}: {exc.details()}"
+    by_code = {grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+               grpc.StatusCode.NOT_FOUND: NotFound,
+               grpc.StatusCode.DEADLINE_EXCEEDED: TimeoutError}
+    return by_code.get(exc.code(), Aborted)(message)
+
+
 def _request_id(request) -> str:
     if not request.request_id:
         raise InvalidRequest("request_id is empty")
@@ -251,7 +297,15 @@ def _request_id(request) -> str:
 async def serve(config: WorkerConfig) -> grpc.aio.Server:
     """Loads the engine, starts its thread and the gRPC server; returns the started server
     (its port as server.bound_port, its engine as server.async_engine)."""
-    engine = AsyncEngine(await asyncio.to_thread(LLMEngine, config.engine)).start()
+    loop = asyncio.get_running_loop()
+    fatal = loop.create_future()  # run_service ends the process when it resolves
+
+    def engine_died(error: BaseException) -> None:
+        message = f"the engine thread failed ({error!r}): this worker can serve nothing"
+        loop.call_soon_threadsafe(lambda: fatal.done() or fatal.set_result(message))
+
+    engine = AsyncEngine(await asyncio.to_thread(LLMEngine, config.engine),
+                         on_death=engine_died).start()
     limit = config.max_message_bytes
     server = grpc.aio.server(options=[("grpc.max_send_message_length", limit),
                                       ("grpc.max_receive_message_length", limit),
@@ -265,6 +319,7 @@ async def serve(config: WorkerConfig) -> grpc.aio.Server:
     await server.start()
     server.bound_port = port
     server.async_engine = engine
+    server.fatal = fatal
     server.announcer = None
     if config.redis_url:
         server.announcer = Announcer(engine, config.redis_url, worker_id, config.role, address,
@@ -289,6 +344,10 @@ def parse_args(argv: Sequence[str] | None) -> WorkerConfig:
     parser.add_argument("--role", default=defaults.role, choices=["prefill", "decode", "both"],
                         help="env PAGEWIRE_WORKER_ROLE")
     parser.add_argument("--model", default=defaults.engine.model, help="env PAGEWIRE_MODEL")
+    parser.add_argument("--load-format", default=defaults.engine.load_format,
+                        choices=LOAD_FORMATS,
+                        help="dummy: random weights for the model's config, for benchmarks "
+                             "(env PAGEWIRE_LOAD_FORMAT)")
     parser.add_argument("--host", default=defaults.host, help="env PAGEWIRE_WORKER_HOST")
     parser.add_argument("--port", type=int, default=defaults.port,
                         help="env PAGEWIRE_WORKER_PORT; 0 picks a free one")
@@ -306,12 +365,13 @@ def parse_args(argv: Sequence[str] | None) -> WorkerConfig:
                         help="host:port others reach this worker at (env "
                              "PAGEWIRE_WORKER_ADVERTISE)")
     args = parser.parse_args(argv)
-    engine = dataclasses.replace(defaults.engine, model=args.model,
+    engine = dataclasses.replace(defaults.engine, model=args.model, load_format=args.load_format,
                                  kv_cache_memory_bytes=args.kv_cache_bytes,
                                  max_model_len=args.max_model_len)
     return WorkerConfig(role=args.role, host=args.host, port=args.port,
                         worker_id=args.worker_id, engine=engine, redis_url=args.redis_url,
-                        redis_namespace=args.redis_namespace, advertise_address=args.advertise)
+                        redis_namespace=args.redis_namespace, advertise_address=args.advertise,
+                        test_kv_push_pause_s=defaults.test_kv_push_pause_s)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

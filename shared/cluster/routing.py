@@ -94,6 +94,13 @@ def pick_decode_worker(
     )
 
 
+def keeps_decode(prefill: WorkerInfo, num_blocks_needed: int) -> bool:
+    """Whether the worker chosen to prefill also decodes the request: a worker in role `both`
+    with room for it does (its KV never moves; picking a decode worker apart from it would ship
+    the prompt's KV to a peer that could have computed it). Prefill-only workers never do."""
+    return prefill.serves("decode") and prefill.kv_blocks_free >= num_blocks_needed
+
+
 def _load_score(w: WorkerInfo, weights: RoutingWeights) -> float:
     return weights.queue * queue_score(w.running, w.waiting) + weights.kv_free * kv_free_score(
         w.kv_blocks_free, w.kv_blocks_total

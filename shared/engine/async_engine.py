@@ -15,7 +15,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-from pagewire.engine.llm_engine import LLMEngine
+from pagewire.engine.llm_engine import LLMEngine, RequestIdInUseError
 from pagewire.engine.sequence import Sequence
 from pagewire.outputs import RequestOutput
 
@@ -28,8 +28,12 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine,
+                 on_death: Callable[[BaseException], None] | None = None):
+        """on_death(error) is called from the engine thread if it fails: the owner decides
+        whether its process can go on (a worker cannot)."""
         self.engine = engine
+        self._on_death = on_death
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._thread = threading.Thread(target=self._run, name="pagewire-engine", daemon=True)
@@ -60,6 +64,8 @@ class AsyncEngine:
         on the engine thread, then yields the request's outputs until it finishes. An import
         arrives with its first token already sampled: that output is yielded at once, not
         after the next step (it is the time to first token)."""
+        if request_id in self._streams:  # checked before its outputs' queue is replaced
+            raise RequestIdInUseError(f"request id {request_id!r} is already in use")
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
         finished = False
@@ -71,7 +77,11 @@ class AsyncEngine:
             return None
 
         try:
-            imported = await self.call(submit_and_snapshot)
+            try:
+                imported = await self.call(submit_and_snapshot)
+            except RequestIdInUseError:
+                finished = True  # the id is another request's (a reservation): not ours to free
+                raise
             if imported is not None:
                 finished = imported.finished
                 yield imported
@@ -118,6 +128,8 @@ class AsyncEngine:
             for request_id in list(self._streams):
                 self._deliver(request_id, dead)
             self._fail_pending_commands(dead)
+            if self._on_death is not None:
+                self._on_death(exc)
 
     def _drain_commands(self, block: bool) -> bool:
         """Runs queued commands; waits for one when the engine is idle. False on stop."""

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from pagewire import SamplingParams
-from pagewire.engine.async_engine import AsyncEngine
+from pagewire.engine.async_engine import AsyncEngine, EngineDeadError
 from pagewire.engine.llm_engine import InvalidRequestError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -76,3 +76,21 @@ def test_consumer_that_leaves_aborts_and_frees_blocks(llm):
     steps_before = llm.engine.stats.num_steps
     unfinished, free = asyncio.run(main())
     assert not unfinished and free == llm.engine.block_manager.num_blocks
+
+
+def test_a_dead_engine_thread_tells_its_owner_and_fails_callers():
+    """A worker must learn that its engine thread died (and exit), not go on advertising."""
+    class FailingEngine:  # the engine thread's first look at its engine fails
+        def has_unfinished_requests(self):
+            raise RuntimeError("device lost")
+
+    deaths = []
+
+    async def main():
+        engine = AsyncEngine(FailingEngine(), on_death=deaths.append).start()
+        engine._thread.join(5)
+        with pytest.raises(EngineDeadError, match="device lost"):
+            await engine.call(lambda e: None)
+
+    asyncio.run(main())
+    assert [str(e) for e in deaths] == ["device lost"]

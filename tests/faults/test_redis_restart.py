@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from pagewire.launcher import free_port
+from tests.faults.cluster import assert_no_kv_leaked, wait_for
 from tests.integration.stack import Stack
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
@@ -46,13 +47,6 @@ def ask(client, model: str, question: str):
         messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}])
 
 
-def wait_for(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.2)
-
-
 def test_serving_survives_a_redis_restart_and_the_index_comes_back():
     port = free_port()
     server = start_redis(port)
@@ -78,6 +72,7 @@ def test_serving_survives_a_redis_restart_and_the_index_comes_back():
                  is not None, 20, "the prefix index was not republished")
         reply = ask(client, model, "Do you serve breakfast?")
         assert reply.usage.prompt_tokens_details.cached_tokens > 0
+        assert_no_kv_leaked(f"http://127.0.0.1:{stack.port}")
     finally:
         stack.stop()
         server.terminate()

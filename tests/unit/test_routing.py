@@ -9,6 +9,7 @@ import pytest
 from pagewire.cluster.registry import WorkerInfo
 from pagewire.cluster.routing import (
     RoutingWeights,
+    keeps_decode,
     kv_free_score,
     pick_decode_worker,
     pick_prefill_worker,
@@ -158,3 +159,12 @@ def test_choice_is_deterministic_regardless_of_input_order():
         for order in (workers, workers[::-1], workers[1:] + workers[:1])
     }
     assert picks == {"a"}
+
+
+@pytest.mark.parametrize("role, free, needed, expected", [
+    ("both", 50, 8, True),  # its KV never moves
+    ("both", 4, 8, False),  # no room: decode elsewhere
+    ("prefill", 50, 8, False),  # a prefill-only worker never decodes
+])
+def test_a_worker_that_also_decodes_keeps_what_it_prefilled(role, free, needed, expected):
+    assert keeps_decode(worker("a", role=role, free=free), needed) is expected
