@@ -45,20 +45,22 @@ async def one_request(prefill, decode, decode_address: str, rid: str, prompt: li
     return prefilled.kv_bytes, prefilled.kv_transfer_ms, ttft_ms
 
 
-async def measure(lengths: list[int], repeats: int, kv_bytes: int) -> list[dict]:
-    engine = EngineConfig(kv_cache_memory_bytes=kv_bytes, enable_prefix_caching=False,
-                          show_progress=False)
+async def measure(lengths: list[int], repeats: int, kv_bytes: int, model: str | None = None,
+                  load_format: str = "auto") -> list[dict]:
+    engine = EngineConfig(model=model, load_format=load_format, kv_cache_memory_bytes=kv_bytes,
+                          enable_prefix_caching=False, show_progress=False)
     servers = [await serve(WorkerConfig(role=role, port=0, engine=engine))
                for role in ("prefill", "decode")]
     channels = [grpc.aio.insecure_channel(f"127.0.0.1:{s.bound_port}") for s in servers]
     prefill, decode = (worker_pb2_grpc.WorkerStub(c) for c in channels)
     decode_address = f"127.0.0.1:{servers[1].bound_port}"
+    ids = min(30000, servers[0].async_engine.engine.runner.spec.vocab_size - 100)
     rows = []
     try:
         await one_request(prefill, decode, decode_address, "warm-up", list(range(100, 164)))
         for length in lengths:
             runs = [await one_request(prefill, decode, decode_address, f"r{length}-{i}",
-                                      [100 + (i * 7919 + t) % 30000 for t in range(length)])
+                                      [100 + (i * 7919 + t) % ids for t in range(length)])
                     for i in range(repeats)]
             size = runs[0][0]
             push_ms = statistics.median(r[1] for r in runs)
@@ -80,9 +82,14 @@ def main() -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024, 2048, 4096])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
+    parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
+    parser.add_argument("--load-format", default="auto",
+                        help="dummy: random weights for --model's config (a GPU run of a "
+                             "config from loadtests/configs; both workers share the GPU)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
-    rows = asyncio.run(measure(args.lengths, args.repeats, args.kv_cache_bytes))
+    rows = asyncio.run(measure(args.lengths, args.repeats, args.kv_cache_bytes, args.model,
+                               args.load_format))
     print(f"{'prompt':>8} {'KV MB':>8} {'push ms':>8} {'MB/s':>8} {'TTFT ms':>8} {'push/TTFT':>9}")
     for r in rows:
         print(f"{r['prompt_tokens']:>8} {r['kv_bytes'] / 1e6:>8.1f} {r['push_ms']:>8.0f} "
@@ -90,10 +97,17 @@ def main() -> int:
               f"{r['push_share_of_ttft']:>9.1%}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or
-                       platform.machine(), "command": " ".join(sys.argv), "rows": rows}, f,
-                      indent=2)
+            json.dump({"date": time.strftime("%Y-%m-%d"), "machine": machine(),
+                       "command": " ".join(sys.argv), "rows": rows}, f, indent=2)
     return 0
+
+
+def machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

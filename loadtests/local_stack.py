@@ -12,11 +12,14 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 
 # `pagewire up` flags per configuration
 CONFIGS = {
     "disagg": ["--prefill", "1", "--decode", "1"],
     "colocated": ["--prefill", "0", "--decode", "0", "--colocated", "1"],
+    # As many workers as disagg, each doing both (issue 5's fair comparison on two GPUs).
+    "colocated-2": ["--prefill", "0", "--decode", "0", "--colocated", "2"],
     # Two prefill workers behind each routing policy (issue 5: prefix-aware vs round-robin).
     "prefix-routing": ["--prefill", "2", "--decode", "1", "--routing", "prefix"],
     "round-robin": ["--prefill", "2", "--decode", "1", "--routing", "round-robin"],
@@ -29,13 +32,17 @@ READY_TIMEOUT_S = 300.0
 class PipelineProcess:
     """`pagewire up` in its own process group; `url` once it says it serves."""
 
-    def __init__(self, config: str, kv_cache_bytes: int, model: str | None, verbose: bool):
+    def __init__(self, config: str, kv_cache_bytes: int | None, model: str | None,
+                 verbose: bool, up_flags: Sequence[str] = ()):
+        """kv_cache_bytes None: the workers' default; up_flags: more `pagewire up` flags."""
         from pagewire.launcher import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "pagewire.cli", "up", "--port", str(self.port),
-                "--kv-cache-bytes", str(kv_cache_bytes), *CONFIGS[config]]
+                *CONFIGS[config], *up_flags]
+        if kv_cache_bytes:
+            argv += ["--kv-cache-bytes", str(kv_cache_bytes)]
         if model:
             argv += ["--model", model]
         self.command = " ".join(["pagewire", *argv[3:]])
@@ -53,6 +60,11 @@ class PipelineProcess:
                 print(f"  [up] {line}", end="", flush=True)
             if "serving on http://" in line:
                 self._ready.set()
+
+    @property
+    def pid(self) -> int:
+        """The launcher's: every service of the stack runs below it."""
+        return self._process.pid
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S

@@ -25,8 +25,9 @@ READY_TIMEOUT_S = 300.0
 class Stack:
     processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
 
-    def start(self, name: str, argv: list[str]) -> None:
-        process = subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent)
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        process = subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent,
+                                   env=env)
         self.processes.append((name, process))
 
     def check_alive(self) -> None:
@@ -112,7 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=ROUTING_POLICIES, help="how the router picks prefill workers")
     parser.add_argument("--kv-cache-bytes", type=int, default=None,
                         help="KV cache budget per worker")
+    parser.add_argument("--load-format", default=None,
+                        help="workers' weights: auto | safetensors | gguf | dummy (random, for "
+                             "benchmarks)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="workers' context limit")
+    parser.add_argument("--worker-gpus", type=_gpu_list, default=None, metavar="0,1,...",
+                        help="pin worker i (prefill first, then decode, then colocated) to GPU "
+                             "i mod N through CUDA_VISIBLE_DEVICES")
     return parser
+
+
+def _gpu_list(text: str) -> list[str]:
+    gpus = [gpu.strip() for gpu in text.split(",")]
+    if not all(gpus):
+        raise argparse.ArgumentTypeError(f"expected GPU indices like 0,1; got {text!r}")
+    return gpus
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,10 +198,10 @@ def _start_services(args, stack: Stack, redis_url: str) -> None:
                         ("both", args.colocated)):
         for _ in range(count):
             port = free_port()
-            extra = ["--kv-cache-bytes", str(args.kv_cache_bytes)] if args.kv_cache_bytes else []
             stack.start(f"{role} worker", serve + [
                 "worker", "--role", role, "--port", str(port), "--redis-url", redis_url,
-                "--redis-namespace", namespace] + model + extra)
+                "--redis-namespace", namespace] + model + _worker_flags(args),
+                env=_worker_env(args, len(workers)))
             workers.append(f"127.0.0.1:{port}")
     stack.start("router", serve + ["router", "--port", str(router_port), "--redis-url",
                                    redis_url, "--redis-namespace", namespace,
@@ -201,6 +217,23 @@ def _start_services(args, stack: Stack, redis_url: str) -> None:
         gateway += ["--api-key", args.api_key]
     stack.start("gateway", gateway)
     _wait(stack, "gateway", lambda: http_healthy(f"http://127.0.0.1:{args.port}/health"))
+
+
+def _worker_flags(args) -> list[str]:
+    flags = []
+    for flag, value in (("--kv-cache-bytes", args.kv_cache_bytes or None),
+                        ("--load-format", args.load_format),
+                        ("--max-model-len", args.max_model_len)):
+        if value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
+def _worker_env(args, index: int) -> dict[str, str] | None:
+    """The environment of the index-th worker: its own GPU when --worker-gpus is given."""
+    if not args.worker_gpus:
+        return None
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": args.worker_gpus[index % len(args.worker_gpus)]}
 
 
 def _wait(stack: Stack, name: str, ready) -> None:

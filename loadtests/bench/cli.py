@@ -21,7 +21,7 @@ from .config import DATASETS, PROMPT_FORMATS, BenchConfig, DatasetConfig, LoadCo
 from .plots import MISSING_MESSAGE, plot_latency_cdfs, plot_sweep, plots_available
 from .report import format_table, rate_label, result_filename, safe_name, write_json
 from .serve import run_benchmark
-from .sweep import load_curves, run_sweep, summary_path
+from .sweep import load_curves, run_sweep, summary_path, sweep_axis, sweep_points
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="several request rates, then throughput/latency curves")
     sweep.add_argument("--rates", type=float, nargs="+", default=None,
                        help="request rates to run, in order (inf: all at once)")
+    sweep.add_argument("--concurrencies", type=int, nargs="+", default=None,
+                       help="instead of rates: concurrency caps to run, in order, each at "
+                            "--request-rate")
+    sweep.add_argument("--request-rate", type=float, default=float("inf"),
+                       help="with --concurrencies: the rate of every point (default: inf)")
     sweep.add_argument("--compare", type=Path, nargs="+", default=[],
                        help="other deployments' sweep summaries, results or directories, "
                             "drawn on the same plot (alone: only draw them)")
@@ -91,6 +96,9 @@ def _common_parser() -> argparse.ArgumentParser:
     out.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     out.add_argument("--result-dir", type=Path, default=Path("."))
     out.add_argument("--no-plots", action="store_true", help="JSON only")
+    out.add_argument("--server-metrics", action="store_true",
+                     help="also record what the server's /metrics counters gained during the "
+                          "run (pagewire: KV transfer seconds and bytes)")
     return p
 
 
@@ -121,7 +129,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         extra_body=args.extra_body, goodput_slos_ms=parse_goodput(args.goodput),
         percentiles=tuple(float(p) for p in args.metric_percentiles.split(",") if p.strip()),
         num_warmups=args.num_warmups, request_timeout_s=args.request_timeout_s, label=label,
-        show_progress=not args.disable_tqdm)
+        show_progress=not args.disable_tqdm, server_metrics=args.server_metrics)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -138,28 +146,39 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    if not args.rates and not args.compare:
-        raise ValueError("sweep needs --rates to run, --compare to draw, or both")
+    if not args.rates and not args.concurrencies and not args.compare:
+        raise ValueError("sweep needs --rates or --concurrencies to run, --compare to draw, "
+                         "or both")
     plots = _can_plot(args)
     curves, code, name = {}, 0, safe_name(args.label or "compare")
-    if args.rates:
+    if args.rates or args.concurrencies:
         config = config_from_args(args)
         name = safe_name(config.label)
-        summary, results = asyncio.run(run_sweep(config, args.rates, args.result_dir,
+        points = sweep_points(config, args.rates, args.concurrencies)
+        summary, results = asyncio.run(run_sweep(config, points, args.result_dir,
                                                  _print_result))
         print(f"wrote {summary_path(args.result_dir, config.label)}")
         curves[config.label] = summary["runs"]
         code = 0 if all(r["metrics"]["completed"] for r in results) else 1
         if plots:
-            by_rate = {f"rate {rate_label(r['request_rate'])}": r["requests"] for r in results}
-            _plotted(plot_latency_cdfs(by_rate, args.result_dir / f"{name}-sweep-cdf.png",
+            by_point = {_point_label(r, bool(args.concurrencies)): r["requests"]
+                        for r in results}
+            _plotted(plot_latency_cdfs(by_point, args.result_dir / f"{name}-sweep-cdf.png",
                                        _title(results[0])))
     for label, rows in load_curves(args.compare).items() if args.compare else ():
         curves[label if label not in curves else f"{label} (compared)"] = rows
     if plots:
+        x = sweep_axis([row for rows in curves.values() for row in rows])
+        against = "concurrency" if x == "max_concurrency" else "request rate"
         _plotted(plot_sweep(curves, args.result_dir / f"{name}-sweep.png",
-                            "throughput and p90 latency against request rate"))
+                            f"throughput, goodput and p90 latency against {against}", x))
     return code
+
+
+def _point_label(result: dict, by_concurrency: bool) -> str:
+    if by_concurrency:
+        return f"concurrency {result['max_concurrency']}"
+    return f"rate {rate_label(result['request_rate'])}"
 
 
 def _print_result(result: dict, path: Path) -> None:

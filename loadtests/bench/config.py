@@ -96,6 +96,8 @@ class BenchConfig:
     label: str = "run"
     """Names this deployment in result files and on plots."""
     show_progress: bool = True
+    server_metrics: bool = False
+    """Record what the server's /metrics counters gained during the measured run."""
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):

@@ -61,14 +61,22 @@ def plot_latency_cdfs(runs: dict[str, list[dict]], path: Path, title: str) -> Pa
     return _save(plt, fig, path, title)
 
 
-def plot_sweep(curves: dict[str, list[dict]], path: Path, title: str) -> Path:
-    """curves: deployment label -> sweep rows ({"request_rate", "metrics"}), one per rate.
-    Throughput and p90 latency (median if p90 was not measured) against the request rate."""
+def plot_sweep(curves: dict[str, list[dict]], path: Path, title: str,
+               x: str = "request_rate") -> Path:
+    """curves: deployment label -> sweep rows ({"request_rate", "max_concurrency", "metrics"}),
+    one per point. Throughput (goodput dashed, where measured) and p90 latency (median if p90
+    was not measured) against the request rate, or against the concurrency cap when x is
+    "max_concurrency"."""
     plt = _pyplot()
     panels = [("request_throughput", "requests/s"), ("output_throughput", "output tokens/s")]
     panels += [(name, f"{LATENCY_NAMES[name]} (ms)") for name in LATENCY_METRICS]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    positions = _rate_positions([row["request_rate"] for rows in curves.values() for row in rows])
+    if x == "max_concurrency":
+        position = lambda row: float(row["max_concurrency"])
+        ticks = {f"{c:g}": c for c in sorted({position(r) for rs in curves.values() for r in rs})}
+    else:
+        ticks = _rate_positions([row["request_rate"] for rows in curves.values() for row in rows])
+        position = lambda row: ticks[_rate_key(row["request_rate"])]
     for ax, (key, unit) in zip(axes.flat, panels):
         stat = ""
         for label, rows in curves.items():
@@ -77,17 +85,28 @@ def plot_sweep(curves: dict[str, list[dict]], path: Path, title: str) -> Path:
                 value, row_stat = _value(row["metrics"], key)
                 stat = row_stat or stat
                 if value is not None:
-                    points.append((positions[_rate_key(row["request_rate"])], value))
+                    points.append((position(row), value))
             if points:
-                ax.plot(*zip(*sorted(points)), marker="o", label=label)
+                line, = ax.plot(*zip(*sorted(points)), marker="o", label=label)
+                if key == "request_throughput":
+                    _plot_goodput(ax, rows, position, line.get_color(), label)
         ax.set_title(f"{stat} {unit}".strip())
-        ax.set_xlabel("request rate (req/s)")
+        ax.set_xlabel("concurrency (requests in flight)" if x == "max_concurrency"
+                      else "request rate (req/s)")
         ax.set_xscale("log")
-        ax.set_xticks(list(positions.values()), list(positions), minor=False)
+        ax.set_xticks(list(ticks.values()), list(ticks), minor=False)
         ax.minorticks_off()
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize="small")
     return _save(plt, fig, path, title)
+
+
+def _plot_goodput(ax, rows: list[dict], position, color: str, label: str) -> None:
+    points = [(position(row), row["metrics"]["request_goodput"]) for row in rows
+              if row["metrics"].get("request_goodput") is not None]
+    if points:
+        ax.plot(*zip(*sorted(points)), marker="x", linestyle="--", color=color,
+                label=f"{label} goodput")
 
 
 def _value(metrics: dict, key: str) -> tuple[float | None, str]:

@@ -15,6 +15,7 @@ from .config import BenchConfig
 from .datasets import build_dataset
 from .load import Sender, run_load, run_session
 from .metrics import compute_metrics
+from .server_metrics import counter_deltas, scrape
 
 WARMUP_SEED_OFFSET = 1_000_003  # warm-up prompts share nothing with the measured ones
 
@@ -26,11 +27,16 @@ async def run_benchmark(config: BenchConfig) -> dict:
         await warm_up(sender, config)
         sessions = build_dataset(config.dataset)
         num_requests = sum(len(session) for session in sessions)
+        before = await scrape(client) if config.server_metrics else None
         with tqdm(total=num_requests, desc=config.label, unit="req", dynamic_ncols=True,
                   disable=not config.show_progress) as progress:
             results, duration_s = await run_load(sender, sessions, config.load, progress)
+        after = await scrape(client) if config.server_metrics else None
     metrics = compute_metrics(results, duration_s, config.goodput_slos_ms, config.percentiles)
-    return result_record(config, model, metrics, results)
+    record = result_record(config, model, metrics, results)
+    if config.server_metrics:
+        record["server_metrics"] = counter_deltas(before, after)
+    return record
 
 
 async def warm_up(sender: Sender, config: BenchConfig) -> None:

@@ -1,8 +1,9 @@
-"""`pagewire bench sweep`: one deployment at a list of request rates (a result file per rate and a
-summary), and the summaries of several deployments gathered for one plot.
+"""`pagewire bench sweep`: one deployment at a list of request rates, or of concurrency caps (a
+result file per point and a summary), and the summaries of several deployments gathered for one
+plot.
 
-Each rate gets its own prompts (the seeds move on by one per rate), so a rate never meets the
-prefix cache that the rate before it filled.
+Each point gets its own prompts (the seeds move on by one per point), so a point never meets the
+prefix cache that the one before it filled.
 """
 
 from __future__ import annotations
@@ -20,19 +21,35 @@ from .serve import run_benchmark
 SUMMARY_SUFFIX = "-sweep.json"
 
 
-def config_for_rate(config: BenchConfig, rate: float, index: int) -> BenchConfig:
+def config_for_rate(config: BenchConfig, rate: float, index: int,
+                    max_concurrency: int | None = None) -> BenchConfig:
+    """The index-th point of a sweep: this rate (and concurrency cap, if given), new seeds."""
+    load = dataclasses.replace(config.load, request_rate=rate, seed=config.load.seed + index)
+    if max_concurrency is not None:
+        load = dataclasses.replace(load, max_concurrency=max_concurrency)
     return dataclasses.replace(
-        config,
-        dataset=dataclasses.replace(config.dataset, seed=config.dataset.seed + index),
-        load=dataclasses.replace(config.load, request_rate=rate, seed=config.load.seed + index))
+        config, dataset=dataclasses.replace(config.dataset, seed=config.dataset.seed + index),
+        load=load)
 
 
-async def run_sweep(config: BenchConfig, rates: list[float], result_dir: Path,
+def sweep_points(config: BenchConfig, rates: list[float] | None,
+                 concurrencies: list[int] | None) -> list[tuple[float, int | None]]:
+    """(rate, concurrency cap) per point: the rates, or the caps at the configured rate."""
+    if rates and concurrencies:
+        raise ValueError("sweep either --rates or --concurrencies, not both")
+    if concurrencies:
+        return [(config.load.request_rate, c) for c in concurrencies]
+    return [(rate, None) for rate in rates or []]
+
+
+async def run_sweep(config: BenchConfig, points: list[tuple[float, int | None]],
+                    result_dir: Path,
                     on_result: Callable[[dict, Path], None]) -> tuple[dict, list[dict]]:
-    """Runs every rate in order; returns the summary (also written) and the full results."""
+    """Runs every (rate, concurrency cap) point in order; returns the summary (also written)
+    and the full results."""
     results, rows = [], []
-    for index, rate in enumerate(rates):
-        result = await run_benchmark(config_for_rate(config, rate, index))
+    for index, (rate, max_concurrency) in enumerate(points):
+        result = await run_benchmark(config_for_rate(config, rate, index, max_concurrency))
         path = write_json(result_dir / result_filename(
             config.label, result["request_rate"], result["max_concurrency"]), result)
         on_result(result, path)
@@ -41,10 +58,19 @@ async def run_sweep(config: BenchConfig, rates: list[float], result_dir: Path,
                      "max_concurrency": result["max_concurrency"],
                      "result_file": path.name, "metrics": result["metrics"]})
     summary = {"kind": "sweep", "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "label": config.label, "base_url": config.base_url,
+               "label": config.label, "base_url": config.base_url, "x": sweep_axis(rows),
                "model": results[0]["model"], "config": results[0]["config"], "runs": rows}
     write_json(summary_path(result_dir, config.label), summary)
     return summary, results
+
+
+def sweep_axis(rows: list[dict]) -> str:
+    """What a sweep's rows vary: "max_concurrency" when every row has a cap and the caps
+    differ, else "request_rate"."""
+    caps = [row.get("max_concurrency") for row in rows]
+    if all(caps) and len(set(caps)) > 1:
+        return "max_concurrency"
+    return "request_rate"
 
 
 def summary_path(result_dir: Path, label: str) -> Path:
@@ -62,7 +88,8 @@ def load_curves(paths: list[Path]) -> dict[str, list[dict]]:
             curves[label] = record["runs"]
         elif "metrics" in record and "request_rate" in record:
             curves.setdefault(record["label"], []).append(
-                {"request_rate": record["request_rate"], "metrics": record["metrics"]})
+                {"request_rate": record["request_rate"],
+                 "max_concurrency": record.get("max_concurrency"), "metrics": record["metrics"]})
         else:
             raise ValueError(f"{path} is neither a sweep summary nor a benchmark result")
     if not curves:

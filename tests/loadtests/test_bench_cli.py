@@ -64,6 +64,25 @@ def test_sweep_writes_a_result_per_rate_a_summary_and_compares(server, tmp_path)
         assert (tmp_path / "both-sweep.png").stat().st_size > 10_000
 
 
+def test_sweep_over_concurrency_writes_a_point_per_cap(server, tmp_path):
+    assert main(["bench", "sweep", *SMALL, "--concurrencies", "1", "4", "--label", "conc",
+                 "--goodput", "ttft:1000", "--result-dir", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "conc-sweep.json").read_text())
+    assert summary["x"] == "max_concurrency"
+    assert [(r["request_rate"], r["max_concurrency"]) for r in summary["runs"]] == \
+        [("inf", 1), ("inf", 4)]
+    assert (tmp_path / "conc-rate-inf-concurrency-4.json").exists()
+    assert len(server.bodies) == 2 * (1 + 5)  # a warm-up and 5 requests per point
+    if plots_available():
+        assert (tmp_path / "conc-sweep.png").exists()
+
+
+def test_sweep_takes_rates_or_concurrencies_not_both(server, tmp_path, capsys):
+    assert main(["bench", "sweep", *SMALL, "--rates", "2", "--concurrencies", "1",
+                 "--result-dir", str(tmp_path)]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
 def test_sweep_needs_rates_or_results(tmp_path, capsys):
     assert main(["bench", "sweep", "--result-dir", str(tmp_path)]) == 2
     assert "--rates" in capsys.readouterr().err

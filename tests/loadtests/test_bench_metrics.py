@@ -56,3 +56,27 @@ def test_no_completed_request_leaves_latencies_empty_not_zero():
     m = compute_metrics([RequestResult(error="x")], duration_s=1.0, goodput_slos_ms={},
                         percentiles=(50.0, 99.9))
     assert m["completed"] == 0 and m["mean_ttft_ms"] is None and m["p99.9_itl_ms"] is None
+
+
+
+def test_server_metrics_keep_counter_and_histogram_gains_only():
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    from pagewire.bench.server_metrics import counter_deltas, parse_counters
+
+    registry = CollectorRegistry()
+    seconds = Histogram("pagewire:kv_transfer_seconds", "", registry=registry)
+    success = Counter("pagewire:request_success", "", ["finished_reason"], registry=registry)
+    running = Gauge("pagewire:num_requests_running", "", registry=registry)
+    seconds.observe(0.5)
+    running.set(3)
+    before = parse_counters(generate_latest(registry).decode())
+    for value in (0.5, 1.0):
+        seconds.observe(value)
+        success.labels("length").inc()
+    running.set(7)
+    after = parse_counters(generate_latest(registry).decode())
+    assert counter_deltas(before, after) == {
+        "pagewire:kv_transfer_seconds_count": 2, "pagewire:kv_transfer_seconds_sum": 1.5,
+        'pagewire:request_success_total{finished_reason="length"}': 1 + 1}
+    assert counter_deltas(None, after) is None

@@ -21,3 +21,25 @@ def test_serve_rejects_unknown_roles():
 def test_generate_flags():
     args = build_parser().parse_args(["generate", "hi", "--max-tokens", "3", "--chat"])
     assert args.prompt == ["hi"] and args.max_tokens == 3 and args.chat
+
+
+def test_up_pins_each_worker_to_a_gpu_and_passes_benchmark_flags():
+    from pagewire import launcher
+
+    args = launcher.build_parser().parse_args(
+        ["--prefill", "1", "--decode", "1", "--worker-gpus", "0,1", "--load-format", "dummy",
+         "--kv-cache-bytes", "0"])
+    assert launcher._worker_flags(args) == ["--load-format", "dummy"]  # 0: the worker's default
+    gpus = [launcher._worker_env(args, index)["CUDA_VISIBLE_DEVICES"] for index in range(3)]
+    assert gpus == ["0", "1", "0"]
+    assert launcher._worker_env(launcher.build_parser().parse_args([]), 0) is None
+
+
+def test_worker_takes_dummy_weights_from_a_flag_or_the_environment(monkeypatch):
+    from pagewire.services.worker.server import parse_args
+
+    assert parse_args(["--load-format", "dummy"]).engine.load_format == "dummy"
+    monkeypatch.setenv("PAGEWIRE_LOAD_FORMAT", "dummy")
+    assert parse_args([]).engine.load_format == "dummy"
+    with pytest.raises(SystemExit):
+        parse_args(["--load-format", "pickle"])
