@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from pagewire import SamplingParams
 from pagewire.launcher import free_port
 
 
-def test_up_serves_the_openai_api_and_stops_everything(llm):
+def test_up_serves_the_openai_api_and_stops_everything(llm, tmp_path):
     openai = pytest.importorskip("openai")
     port = free_port()
     # Port 1 has no Redis: `up` must start its own redis-server (installed on this machine).
@@ -44,6 +45,7 @@ def test_up_serves_the_openai_api_and_stops_everything(llm):
                                                temperature=0)
         expected = llm.chat(messages, SamplingParams(temperature=0, max_tokens=16))
         assert reply.choices[0].message.content == expected[0].outputs[0].text
+        _bench_smoke(f"http://127.0.0.1:{port}/v1", tmp_path)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
@@ -52,6 +54,18 @@ def test_up_serves_the_openai_api_and_stops_everything(llm):
     time.sleep(0.5)
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+
+
+def _bench_smoke(base_url: str, result_dir) -> None:
+    """Issue 5's CI smoke test: `pagewire bench serve` against `pagewire up`, tiny scale."""
+    from pagewire.cli import main
+
+    assert main(["bench", "serve", "--base-url", base_url, "--num-prompts", "4",
+                 "--input-len", "8", "--output-len", "4", "--request-rate", "inf",
+                 "--disable-tqdm", "--label", "up", "--result-dir", str(result_dir)]) == 0
+    metrics = json.loads((result_dir / "up-rate-inf.json").read_text())["metrics"]
+    assert metrics["completed"] == 4 and metrics["failed"] == 0
+    assert metrics["total_output_tokens"] == 16 and metrics["median_ttft_ms"] > 0
 
 
 def _services_of(launcher_pid: int) -> list[str]:
