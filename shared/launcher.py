@@ -192,7 +192,9 @@ def _start_services(args, stack: Stack, redis_url: str) -> None:
     namespace = f"pagewire-up-{os.getpid()}"  # a shared Redis never mixes two stacks' workers
     model = ["--model", args.model] if args.model else []
     tokenizer_port, router_port = free_port(), free_port()
-    stack.start("tokenizer", serve + ["tokenizer", "--port", str(tokenizer_port)] + model)
+    context = ["--max-model-len", str(args.max_model_len)] if args.max_model_len else []
+    stack.start("tokenizer", serve + ["tokenizer", "--port", str(tokenizer_port)] + model +
+                context)  # the gateway learns the workers' context limit from it
     workers = []
     for role, count in (("prefill", args.prefill), ("decode", args.decode),
                         ("both", args.colocated)):

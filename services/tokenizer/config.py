@@ -25,6 +25,9 @@ class TokenizerConfig:
     """TCP port; 0 picks a free one (the server reports it as `server.bound_port`)."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """Largest gRPC message received or sent, in bytes."""
+    max_model_len: int | None = None
+    """The deployment's context limit, as the workers run it (the same PAGEWIRE_MAX_MODEL_LEN):
+    the gateway checks prompts and max_tokens against it. None: the model's own."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -33,6 +36,8 @@ class TokenizerConfig:
             raise ValueError("host must not be empty")
         if self.max_message_bytes <= 0:
             raise ValueError(f"max_message_bytes must be > 0; got {self.max_message_bytes}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2; got {self.max_model_len}")
 
     @property
     def address(self) -> str:
@@ -40,14 +45,24 @@ class TokenizerConfig:
 
     @classmethod
     def from_env(cls) -> TokenizerConfig:
-        """Reads PAGEWIRE_MODEL, PAGEWIRE_TOKENIZER_HOST and PAGEWIRE_TOKENIZER_PORT."""
-        port = os.environ.get("PAGEWIRE_TOKENIZER_PORT") or str(DEFAULT_PORT)
-        try:
-            port_number = int(port)
-        except ValueError:
-            raise ValueError(f"PAGEWIRE_TOKENIZER_PORT must be an integer; got {port!r}") from None
+        """Reads PAGEWIRE_MODEL, PAGEWIRE_TOKENIZER_HOST, PAGEWIRE_TOKENIZER_PORT,
+        PAGEWIRE_TOKENIZER_MAX_MESSAGE_BYTES and PAGEWIRE_MAX_MODEL_LEN."""
+        max_model_len = _int_env("PAGEWIRE_MAX_MODEL_LEN")
         return cls(
             model=os.environ.get("PAGEWIRE_MODEL") or None,
             host=os.environ.get("PAGEWIRE_TOKENIZER_HOST") or DEFAULT_HOST,
-            port=port_number,
+            port=_int_env("PAGEWIRE_TOKENIZER_PORT") or DEFAULT_PORT,
+            max_message_bytes=(_int_env("PAGEWIRE_TOKENIZER_MAX_MESSAGE_BYTES")
+                               or DEFAULT_MAX_MESSAGE_BYTES),
+            max_model_len=max_model_len,
         )
+
+
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer; got {value!r}") from None

@@ -47,7 +47,7 @@ class ServedTokenizer:
     model_info: tokenizer_pb2.ModelInfo
 
     @classmethod
-    def load(cls, model: str | None) -> ServedTokenizer:
+    def load(cls, model: str | None, max_model_len: int | None = None) -> ServedTokenizer:
         source = resolve_model(model)
         if source.tokenizer_dir is None:
             raise FileNotFoundError(f"model {source.model_dir} ships no tokenizer")
@@ -56,7 +56,7 @@ class ServedTokenizer:
         model_info = tokenizer_pb2.ModelInfo(
             model=source.name,
             vocab_size=spec.vocab_size,
-            max_model_len=spec.max_context,
+            max_model_len=min(spec.max_context, max_model_len or spec.max_context),
             eos_token_ids=sorted(eos_token_ids(source, tokenizer)),
             has_chat_template=tokenizer.chat_template is not None,
         )
@@ -159,7 +159,7 @@ async def serve(config: TokenizerConfig) -> grpc.aio.Server:
 
     The port it bound (useful with port 0) is `server.bound_port`.
     """
-    served = await asyncio.to_thread(ServedTokenizer.load, config.model)
+    served = await asyncio.to_thread(ServedTokenizer.load, config.model, config.max_model_len)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -188,10 +188,15 @@ def parse_args(argv: Sequence[str] | None) -> TokenizerConfig:
     parser.add_argument("--port", type=int, default=defaults.port,
                         help="port; 0 picks a free one (env PAGEWIRE_TOKENIZER_PORT)")
     parser.add_argument("--max-message-bytes", type=int, default=defaults.max_message_bytes,
-                        help="largest gRPC message, in bytes")
+                        help="largest gRPC message, in bytes (env "
+                             "PAGEWIRE_TOKENIZER_MAX_MESSAGE_BYTES)")
+    parser.add_argument("--max-model-len", type=int, default=defaults.max_model_len,
+                        help="the workers' context limit, which the gateway enforces (env "
+                             "PAGEWIRE_MAX_MODEL_LEN; default: the model's)")
     args = parser.parse_args(argv)
     return TokenizerConfig(model=args.model, host=args.host, port=args.port,
-                           max_message_bytes=args.max_message_bytes)
+                           max_message_bytes=args.max_message_bytes,
+                           max_model_len=args.max_model_len)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

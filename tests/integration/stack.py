@@ -53,7 +53,9 @@ class Stack:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
 
     async def _start(self) -> int:
-        self.tokenizer = await serve_tokenizer(TokenizerConfig(port=0))
+        # The gateway enforces the context the workers run, which it learns from the tokenizer.
+        self.tokenizer = await serve_tokenizer(TokenizerConfig(port=0,
+                                                               max_model_len=ENGINE.max_model_len))
         self.workers = [await serve_worker(WorkerConfig(
             role=role, port=0, engine=ENGINE, redis_url=self.redis_url,
             redis_namespace=self.namespace)) for role in self._roles]

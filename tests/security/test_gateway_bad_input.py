@@ -140,11 +140,14 @@ CASES = [
     ("n 8 with 20 logprobs, streamed", CHAT,
      chat(n=8, logprobs=True, top_logprobs=20, stream=True), OK, None),
     # max_tokens past the context
-    ("max_tokens of the whole context", COMPLETIONS, completion(max_tokens=8192), 400,
-     "max_tokens"),
+    ("max_tokens of the whole context", COMPLETIONS, completion(max_tokens=1024), 400,
+     "max_tokens"),  # the workers' 1024, not the model's 8192: the tokenizer passes it on
+    ("max_tokens within the model's context, past the workers'", COMPLETIONS,
+     completion(max_tokens=2000), 400, "max_tokens"),
     ("max_completion_tokens 10**12", CHAT, chat(max_completion_tokens=10**12), 400,
      "max_tokens"),
-    ("prompt past the worker's context", COMPLETIONS, completion(prompt=[1] * 2000), 400, None),
+    ("prompt past the worker's context", COMPLETIONS, completion(prompt=[1] * 2000), 400,
+     "prompt"),
 ]
 
 
