@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device-tool call: the GPU checks and benchmarks of the engine, outputs under $OUT.
 #   run: bash loadtests/gpu_session.sh [steps...]     (steps: kernels engine w1-llama w1-qwen
-#        w1-llama-async w1-qwen-async w1-torch w1-hf w1-llama-8k graphs kv profile profile-sync;
+#        w1-llama-async w1-qwen-async w1-torch w1-hf w1-llama-8k graphs kv breakdown profile
+#        profile-sync;
 #        default: kernels engine w1-llama w1-qwen)
 # Makes `pagewire` importable from this checkout without pip (the device has no index): the
 # package-dir mapping of pyproject.toml, done with symlinks.
@@ -54,6 +55,7 @@ for step in "${steps[@]}"; do
              --json "$OUT/w1-small-llama3-8b-vs-hf.json" 2>&1 | tail -8 ;;
     graphs) python loadtests/gpu_graph_check.py 2>&1 | grep -v "^pagewire:" ;;
     kv) python loadtests/gpu_kv_check.py 2>&1 | grep -v "^pagewire:" ;;
+    breakdown) python loadtests/gpu_time_breakdown.py 2>&1 | grep -v "^pagewire:" ;;
     profile|profile-sync) python loadtests/profile_engine.py --model loadtests/configs/llama3-8b \
                --num-prompts 512 --max-num-batched-tokens 8192 --top 30 \
                --async-scheduling $([ $step = profile ] && echo on || echo off) 2>&1 \
