@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call: the GPU checks and benchmarks of the engine, outputs under $OUT.
 #   run: bash loadtests/gpu_session.sh [steps...]     (steps: kernels engine w1-llama w1-qwen
-#        w1-llama-async w1-qwen-async w1-torch w1-hf w1-llama-8k graphs kv breakdown profile
+#        w1-llama-async w1-qwen-async w1-llama-512 w1-llama-512-16k w1-torch w1-hf w1-llama-8k graphs kv breakdown profile
 #        profile-sync;
 #        default: kernels engine w1-llama w1-qwen)
 # Makes `pagewire` importable from this checkout without pip (the device has no index): the
@@ -41,6 +41,14 @@ for step in "${steps[@]}"; do
     w1-qwen-async) python loadtests/offline_throughput.py --model loadtests/configs/qwen3-0.6b \
                      $W1 --async-scheduling both --full-warmup --rounds 2 \
                      --json "$OUT/w1-qwen3-0.6b-async-vs-sync.json" 2>&1 | tail -9 ;;
+    # Bigger decode batches (fewer weight reads per token) and prefill chunks, async on.
+    w1-llama-512) python loadtests/offline_throughput.py --model loadtests/configs/llama3-8b \
+                    $W1 --full-warmup --max-num-seqs 512 \
+                    --json "$OUT/w1-llama3-8b-512-seqs.json" 2>&1 | tail -6 ;;
+    w1-llama-512-16k) python loadtests/offline_throughput.py \
+                        --model loadtests/configs/llama3-8b $W1 --full-warmup \
+                        --max-num-seqs 512 --max-num-batched-tokens 16384 \
+                        --json "$OUT/w1-llama3-8b-512-seqs-16k.json" 2>&1 | tail -6 ;;
     w1-torch) python loadtests/offline_throughput.py --model loadtests/configs/llama3-8b $W1 \
                 --kernels torch --json "$OUT/w1-llama3-8b-torch.json" 2>&1 | tail -8 ;;
     w1-llama-8k) python loadtests/offline_throughput.py --model loadtests/configs/llama3-8b $W1 \
