@@ -85,7 +85,7 @@ async def stream_request(client: httpx.AsyncClient, path: str, body: dict) -> Re
     try:
         async with client.stream("POST", path, json=body) as response:
             if response.status_code != 200:
-                message = _error_message((await response.aread()).decode(errors="replace"))
+                message = error_message((await response.aread()).decode(errors="replace"))
                 result.error = f"HTTP {response.status_code}: {message}"
                 return result
             await _read_events(response, result)
@@ -107,10 +107,10 @@ async def _read_events(response: httpx.Response, result: RequestResult) -> None:
         now = time.perf_counter()
         chunk = json.loads(data)
         if "error" in chunk:
-            result.error = f"stream error: {_error_message(json.dumps(chunk))}"
+            result.error = f"stream error: {error_message(json.dumps(chunk))}"
             return
         usage = chunk.get("usage") or usage
-        text = _output_of(chunk)
+        text = output_of(chunk)
         if text is not None:
             chunk_times.append(now)
             texts.append(text)
@@ -128,7 +128,7 @@ async def _read_events(response: httpx.Response, result: RequestResult) -> None:
         "cached_tokens") or 0
 
 
-def _output_of(chunk: dict) -> str | None:
+def output_of(chunk: dict) -> str | None:
     """The output text a chunk carries; None when it carries none (usage, a bare role)."""
     choices = chunk.get("choices") or []
     if not choices:
@@ -142,7 +142,7 @@ def _output_of(chunk: dict) -> str | None:
     return delta.get("content") or ""
 
 
-def _error_message(body: str) -> str:
+def error_message(body: str) -> str:
     try:
         error = json.loads(body).get("error")
     except (ValueError, AttributeError):

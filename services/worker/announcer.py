@@ -2,12 +2,18 @@
 events for the router's index. Redis being away never stops the worker: each round that
 fails is logged once per outage and retried on the next tick; the full republish that
 follows an outage restores the index.
+
+The load is read on the engine thread, between steps. A step can outlast the registry's TTL (a
+2048-token prefill chunk on a busy two-core CPU took over 4 s, and the worker dropped out of
+the registry mid-soak), so a heartbeat never waits for one: it re-sends the last load until the
+engine answers, and stops only when the engine has not answered for `max_stale_s`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import redis
 
@@ -21,7 +27,7 @@ logger = logging.getLogger(__name__)
 class Announcer:
     def __init__(self, engine: AsyncEngine, redis_url: str, worker_id: str, role: str,
                  address: str, served, namespace: str = "pagewire", interval_s: float = 1.0,
-                 ttl_s: float = 5.0):
+                 ttl_s: float = 5.0, max_stale_s: float = 30.0):
         self.engine = engine
         self.worker_id, self.role, self.address = worker_id, role, address
         self.served = served  # callable: requests completed so far
@@ -30,7 +36,11 @@ class Announcer:
         self.registry = WorkerRegistry(client, namespace, ttl_s=ttl_s)
         self.index = PrefixIndex(client, engine.engine.source.name, namespace,
                                  ttl_s=max(60.0, ttl_s))
+        self.max_stale_s = max_stale_s
         self._task: asyncio.Task | None = None
+        self._asked: asyncio.Future | None = None  # the engine's snapshot, once it answers
+        self._asked_at = 0.0
+        self._last_info: WorkerInfo | None = None
         self._redis_ok = True
         self._rounds = 0
 
@@ -38,8 +48,9 @@ class Announcer:
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in (self._task, self._asked):
+            if task is not None:
+                task.cancel()
         try:
             await asyncio.to_thread(self.registry.deregister, self.worker_id)
         except redis.RedisError:
@@ -51,21 +62,54 @@ class Announcer:
             await asyncio.sleep(self.interval_s)
 
     async def announce_once(self) -> None:
-        snapshot = await self.engine.call(self._snapshot)
+        snapshot = await self._fresh_snapshot()
+        if snapshot is None:
+            await self._keep_alive()
+            return
         info, stored, removed, held = snapshot
         # Republish everything now and then (entries expire) and right after an outage.
         full = not self._redis_ok or self._rounds % 20 == 0
         try:
             await asyncio.to_thread(self._write, info, stored, removed, held if full else None)
         except redis.RedisError as exc:
-            if self._redis_ok:
-                logger.warning("Redis unreachable, serving on without the index: %s", exc)
-            self._redis_ok = False
+            self._redis_lost(exc)
         else:
             if not self._redis_ok:
                 logger.info("Redis is back: registry and prefix index republished")
             self._redis_ok = True
         self._rounds += 1
+
+    async def _fresh_snapshot(self):
+        """The engine's snapshot, or None when a step holds the engine past interval_s (the
+        request stays queued; its index events are taken by whichever round gets it)."""
+        if self._asked is None:
+            self._asked = asyncio.ensure_future(self.engine.call(self._snapshot))
+            self._asked_at = time.monotonic()
+        wait_s = None if self._last_info is None else self.interval_s
+        try:
+            snapshot = await asyncio.wait_for(asyncio.shield(self._asked), wait_s)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            if self._asked.done():
+                self._asked = None
+        self._last_info = snapshot[0]
+        return snapshot
+
+    async def _keep_alive(self) -> None:
+        """The last load again, unless the engine has not answered for max_stale_s (then the
+        entry expires: a wedged engine must not keep receiving requests)."""
+        if time.monotonic() - self._asked_at > self.max_stale_s:
+            return
+        try:
+            await asyncio.to_thread(self.registry.heartbeat, self._last_info)
+        except redis.RedisError as exc:
+            self._redis_lost(exc)
+
+    def _redis_lost(self, exc: redis.RedisError) -> None:
+        if self._redis_ok:
+            logger.warning("Redis unreachable, serving on without the index: %s", exc)
+        self._redis_ok = False
 
     def _snapshot(self, engine):
         stored, removed = engine.block_manager.take_events()

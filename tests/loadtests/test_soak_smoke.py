@@ -1,0 +1,41 @@
+"""`loadtests/soak.py` end to end at a tiny scale: it starts `pagewire up` (1 prefill + 1 decode
+worker), measures capacity, soaks for 15 s at a small load with streamed, non-streamed and
+disconnected requests, and every check passes on the healthy stack (about 40 s)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pagewire.bench.plots import plots_available
+
+SCRIPT = Path(__file__).resolve().parents[2] / "loadtests" / "soak.py"
+TINY = ["--duration-s", "15", "--capacity-s", "6", "--capacity-concurrency", "4",
+        "--load-fraction", "0.4", "--input-len", "32", "--output-len", "8", "--prefix-len",
+        "64", "--disconnect-fraction", "0.1", "--non-stream-fraction", "0.2",
+        "--kv-cache-bytes", str(128 << 20), "--max-model-len", "2048",
+        "--sample-interval-s", "1", "--progress-every-s", "5"]
+
+
+@pytest.mark.slow
+def test_a_short_soak_of_a_healthy_stack_passes_every_check(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--result-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "soak passed" in done.stdout
+    record = json.loads((tmp_path / "soak-disagg.json").read_text())
+    checks = {check["name"]: check for check in record["checks"]}
+    assert all(check["ok"] for check in checks.values()), checks  # none failed or skipped
+    counts = record["counts"]
+    assert counts["lost"] == 0 and counts["completed"] > 20
+    modes = {r["mode"] for r in record["requests"] if r["status"] == "completed"}
+    assert modes == {"stream", "non-stream"}
+    assert record["capacity"]["capacity_rps"] > 0 and record["soak_sent"] > 10
+    assert {"prefill worker", "decode worker", "router", "gateway", "tokenizer"} <= set(
+        record["memory"])
+    assert all(w["kv_blocks_free"] == w["kv_blocks_total"] for w in record["final_workers"])
+    assert (tmp_path / "soak-disagg.png").exists() == plots_available()
