@@ -166,7 +166,7 @@ class LLMEngine:
         N+1. A sequence that step N ended (a stop string, EOS) had one token too many computed
         in N+1; that token is dropped."""
         in_flight, self._in_flight = self._in_flight, None
-        if in_flight is not None and _needs_tokens_on_host(in_flight):
+        if in_flight is not None and in_flight.counts_output_tokens:
             return self._finish_step(in_flight, finished_only)  # penalties count every token
         launched = self._launch(in_flight)
         outputs = self._finish_step(in_flight, finished_only) if in_flight is not None else []
@@ -434,12 +434,6 @@ class LLMEngine:
                        arrival_time=time.monotonic())
         self._register(seq)
         return seq
-
-
-def _needs_tokens_on_host(result: StepResult) -> bool:
-    """Penalties count a sequence's output tokens on the host: the step after must wait."""
-    return any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or
-               p.frequency_penalty != 0.0 for p in (seq.params for seq in result.seqs))
 
 
 def _skip_draws(generator: torch.Generator, num_steps: int, vocab_size: int) -> None:

@@ -53,6 +53,8 @@ class StepResult:
     output: SamplerOutput | None
     host_copy: HostCopy | None = None
     row_of: dict[Sequence, int] = field(default_factory=dict)
+    # Penalties counted these sequences' output tokens: the next step needs them on the host.
+    counts_output_tokens: bool = False
 
     def host_output(self) -> SamplerOutput:
         assert self.output is not None and self.host_copy is not None
@@ -187,7 +189,8 @@ class ModelRunner:
         out = self.sampler(logits, sampling)
         return StepResult(sampling_seqs, out, HostCopy([out.sampled_token_ids, out.sampled_logprobs,
                                                    out.top_logprob_ids, out.top_logprobs]),
-                          {seq: row for row, seq in enumerate(sampling_seqs)})
+                          {seq: row for row, seq in enumerate(sampling_seqs)},
+                          counts_output_tokens=sampling.output_token_ids is not None)
 
     def _forward(self, seqs, num_new, input_ids, positions, context_lens, patch) -> torch.Tensor:
         block_tables = [s.block_table for s in seqs]

@@ -78,6 +78,8 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        if not self.waiting:
+            return
         # A sequence whose last token is in flight (async scheduling) leaves its seat now.
         num_active = sum(not seq.reached_max_tokens for seq in self.running)
         while self.waiting and budget > 0 and num_active < self.max_num_seqs:
