@@ -2,7 +2,8 @@
 
 kv_cache [2, num_blocks, block_size, kv_heads, head_dim]; slot = block_id * block_size +
 offset, as build_attention_metadata computes it. A negative slot marks a padding token (a
-CUDA-graph batch padded to a fixed size) and is skipped. k and v may be strided views of the
+CUDA-graph batch padded to a fixed size) and is skipped. An fp8 cache stores the values
+saturated to its range, unscaled. k and v may be strided views of the
 fused qkv projection: only their last dimension must be contiguous.
 """
 
@@ -12,13 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
+from pagewire.model.attention import FP8_MAX
+from pagewire.model.attention import write_kv_cache as write_kv_cache_torch
+
 
 @triton.jit
 def _kv_cache_write_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cs, stride_ch,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, H_PAD: tl.constexpr,
-    D_PAD: tl.constexpr, PAGE: tl.constexpr,
+    D_PAD: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -33,6 +37,9 @@ def _kv_cache_write_kernel(
                 mask=mask)
     v = tl.load(v_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :],
                 mask=mask)
+    if FP8:  # saturate: fp8 e4m3 has no infinity, and a cast out of range is not finite
+        k = tl.minimum(tl.maximum(k.to(tl.float32), -FP8_MAX), FP8_MAX)
+        v = tl.minimum(tl.maximum(v.to(tl.float32), -FP8_MAX), FP8_MAX)
     tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -53,14 +60,15 @@ def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         H_PAD=triton.next_power_of_2(num_kv_heads), D_PAD=triton.next_power_of_2(head_dim),
-        PAGE=kv_cache.shape[2], num_warps=4,
+        PAGE=kv_cache.shape[2], FP8=kv_cache.dtype == torch.float8_e4m3fn, FP8_MAX=FP8_MAX,
+        num_warps=4,
     )
 
 
 def write_kv_cache_reference(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              slot_mapping: torch.Tensor) -> None:
-    """The engine's index_copy_ (shared/model/attention.py), skipping negative slots."""
+    """The torch path's write (shared/model/attention.py), skipping negative slots."""
     keep = slot_mapping >= 0
-    flat = kv_cache.flatten(1, 2)  # [2, num_slots, kv_heads, head_dim], a view
-    flat[0].index_copy_(0, slot_mapping[keep].long(), k[keep].to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping[keep].long(), v[keep].to(kv_cache.dtype))
+    cast = (lambda t: t) if kv_cache.dtype == torch.float8_e4m3fn else \
+        (lambda t: t.to(kv_cache.dtype))
+    write_kv_cache_torch(kv_cache, cast(k[keep]), cast(v[keep]), slot_mapping[keep].long())

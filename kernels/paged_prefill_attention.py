@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagewire.kernels.paged_decode_attention import f16_dots
+
 LOG2E = 1.4426950408889634
 
 
@@ -31,8 +33,9 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, n0, kv_end, table, k_cache_ptr, v_cach
     block = tl.load(table + tok // PAGE, mask=n_mask, other=0).to(tl.int64)
     row = block * stride_cb + (tok % PAGE) * stride_cs + kv_head * stride_ch
     kv_mask = n_mask[:, None] & d_mask[None, :]
-    k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    # An fp8 cache widens to q's type here (a no-op when the cache has q's type).
+    k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+    v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
     if MASKED:
         # Every real query sees key 0, so no real row is all -inf in the first tile.
@@ -52,6 +55,7 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    F16_DOTS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     m_block = tl.program_id(1)
@@ -73,6 +77,8 @@ def _prefill_kernel(
     rows = (q_start + offs_m).to(tl.int64)
     q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    if F16_DOTS:  # see paged_decode_attention.f16_dots
+        q = q.to(tl.float16)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -102,11 +108,12 @@ def paged_prefill_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int, scale: float,
     *, out: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64,
-    num_warps: int = 4, num_stages: int = 3,
+    num_warps: int = 4, num_stages: int = 3, fp8_f16_dots: bool = True,
 ) -> torch.Tensor:
     """q [T, heads, head_dim] -> [T, heads, head_dim] in q's dtype.
 
-    kv_cache [2, num_blocks, block_size, kv_heads, head_dim] already holds this step's K/V;
+    kv_cache [2, num_blocks, block_size, kv_heads, head_dim] (q's dtype or fp8) already holds
+    this step's K/V;
     block_tables [B, max_blocks] int32; seq_lens [B] int32 (context after this step);
     query_start_loc [B+1] int32 row offsets into q (it may start past 0: the rows of q before
     query_start_loc[0], e.g. decode tokens, are left alone); max_query_len bounds every chunk.
@@ -133,6 +140,7 @@ def paged_prefill_attention(
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         D_PAD=triton.next_power_of_2(head_dim), PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        F16_DOTS=fp8_f16_dots and f16_dots(q.dtype, kv_cache.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -150,8 +158,8 @@ def paged_prefill_attention_reference(
     for b in range(seq_lens.shape[0]):
         lo, hi, n = int(query_start_loc[b]), int(query_start_loc[b + 1]), int(seq_lens[b])
         blocks = block_tables[b, : math.ceil(n / block_size)].long()
-        k = kv_cache[0, blocks].flatten(0, 1)[:n].repeat_interleave(group, dim=1)  # [n, H, D]
-        v = kv_cache[1, blocks].flatten(0, 1)[:n].repeat_interleave(group, dim=1)
+        k = kv_cache[0, blocks].flatten(0, 1)[:n].to(q.dtype).repeat_interleave(group, dim=1)
+        v = kv_cache[1, blocks].flatten(0, 1)[:n].to(q.dtype).repeat_interleave(group, dim=1)
         q_pos = torch.arange(n - (hi - lo), n, device=q.device)
         allowed = torch.arange(n, device=q.device)[None, :] <= q_pos[:, None]  # [q, n]
         scores = torch.einsum("qhd,nhd->hqn", q[lo:hi], k) * scale

@@ -131,7 +131,7 @@ class Checker:
 def run_checks(c: Checker, under_sanitizer: bool = False) -> None:
     """Each check on its own: one kernel failing to compile or run does not hide the others."""
     checks = [check_kv_cache_write, check_rms_norm, check_rotary_embedding, check_silu_and_mul,
-              check_decode, check_prefill, check_backend]
+              check_decode, check_prefill, check_backend, check_fp8_kv_cache]
     if not under_sanitizer:  # cuBLAS is not ours to check; capture needs the caching allocator
         checks.append(check_model)
         if c.device == "cuda":
@@ -286,6 +286,56 @@ def check_backend(c: Checker) -> None:
     c.record(f"attention backend vs torch backend ({T} tokens)", out, ref, s.bound)
 
 
+def check_fp8_kv_cache(c: Checker) -> None:
+    """An fp8 cache (kv_cache_dtype="fp8"): the write rounds and saturates exactly as torch
+    does; decode and prefill attention read it exactly as their references do."""
+    from pagewire.kernels.kv_cache_write import write_kv_cache, write_kv_cache_reference
+    from pagewire.kernels.paged_decode_attention import (
+        paged_decode_attention,
+        paged_decode_attention_reference,
+    )
+    from pagewire.kernels.paged_prefill_attention import (
+        paged_prefill_attention,
+        paged_prefill_attention_reference,
+    )
+
+    s, fp8 = c.s, torch.float8_e4m3fn
+    T = s.num_tokens
+    _, k, v = _qkv_views(c, T)
+    k, v = k * 200, v * 200  # rounding everywhere, saturation in the tails
+    if c.device == "cpu":
+        # Triton's CPU interpreter rounds one binade low on a carry (tests/kernels/
+        # test_kv_cache_write.py): values on the fp8 grid check the path, the GPU the rounding.
+        k, v = k.to(fp8).to(k.dtype), v.to(fp8).to(v.dtype)
+    num_blocks = 2 * -(-T // s.block_size)
+    slots = torch.randperm(num_blocks * s.block_size, generator=c.gen, device=c.device)[:T]
+    cache = c.randn(2, num_blocks, s.block_size, s.kv_heads, s.head_dim).to(fp8)
+    ours, ref = cache.clone(), cache.clone()
+    write_kv_cache(ours, k, v, slots)
+    write_kv_cache_reference(ref, k, v, slots)
+    c.record("fp8 kv_cache_write (exact, saturating)", ours.float(), ref.float(), 0.0)
+
+    lens = torch.randint(1, s.decode_max_context, (s.decode_batch,), generator=c.gen,
+                         device=c.device).tolist()
+    cache, tables, lens = c.paged_cache(lens)
+    cache = cache.to(fp8)
+    q = c.randn(s.decode_batch, s.heads, s.head_dim)
+    scale = s.head_dim**-0.5
+    out = paged_decode_attention(q, cache, tables, lens, scale)
+    ref = paged_decode_attention_reference(q.float(), cache, tables, lens, scale)
+    c.record(f"fp8 paged_decode_attention (B={s.decode_batch})", out, ref, s.bound)
+
+    qlens, prefixes = list(s.prefill_query_lens), list(s.prefill_prefix_lens)
+    cache, tables, lens = c.paged_cache([p + q for p, q in zip(prefixes, qlens)])
+    cache = cache.to(fp8)
+    starts = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32,
+                          device=c.device)
+    q = c.randn(sum(qlens), s.heads, s.head_dim)
+    out = paged_prefill_attention(q, cache, tables, lens, starts, max(qlens), scale)
+    ref = paged_prefill_attention_reference(q.float(), cache, tables, lens, starts, scale)
+    c.record(f"fp8 paged_prefill_attention (chunks {qlens})", out, ref, s.bound)
+
+
 def check_cuda_graph(c: Checker) -> None:
     """The backend launches without a device sync: one decode step captured in a CUDA graph
     and replayed on new queries and new K/V matches the same step run eagerly."""
@@ -396,7 +446,7 @@ def _torch_sdpa_only():
     import pagewire.model.attention as engine_attention
 
     native_ok = engine_attention._native_ok
-    engine_attention._native_ok = lambda q: False
+    engine_attention._native_ok = lambda q, kv_cache: False
     try:
         yield
     finally:
@@ -440,7 +490,7 @@ def copy_bandwidth() -> float:
 
 
 def time_decode(s: Shapes, batch: int, context: int, copy_bw: float, sweep: bool,
-                trace) -> dict:
+                trace, fp8_sweep: bool = False) -> dict:
     import torch.nn.functional as F
 
     from pagewire.kernels.paged_decode_attention import choose_num_splits, paged_decode_attention
@@ -468,6 +518,26 @@ def time_decode(s: Shapes, batch: int, context: int, copy_bw: float, sweep: bool
     t = graph_time(run())
     row.update(triton_s=t, triton_event_s=event_time(run()), triton_bw=useful_bytes / t,
                triton_frac=useful_bytes / t / copy_bw)
+    # The same step over an fp8 copy of the cache: half the bytes, so maybe wider tiles.
+    cache8 = cache.to(torch.float8_e4m3fn)
+    fp8_bytes = B * context * KVH * D * 2 + 2 * B * H * D * elem
+    fp8_rows = []
+    configs = [{}, {"block_n": 64}, {"fp8_f16_dots": False}]
+    if fp8_sweep:
+        configs += [{"block_n": bn, "num_warps": w, "num_stages": st}
+                    for bn in (128, 256) for w in (2, 4, 8) for st in (2, 3, 4)]
+    for cfg in configs:
+        trace(f"context {context}: fp8 cache {cfg}")
+        t8 = graph_time(lambda cfg=cfg: paged_decode_attention(
+            q, cache8, tables, lens, scale, out=out, max_seq_len=context, **cfg))
+        fp8_rows.append({**cfg, "seconds": t8, "frac": fp8_bytes / t8 / copy_bw})
+    t8 = fp8_rows[0]["seconds"]  # the default config (before sorting)
+    row.update(fp8_s=t8, fp8_frac=fp8_bytes / t8 / copy_bw, fp8_speedup=t / t8,
+               fp8_configs=fp8_rows)
+    fp8_rows.sort(key=lambda r: r["seconds"])
+    print(f"  fp8 B={B} ctx={context} (fastest first): " + "; ".join(
+        f"{ {k: v for k, v in r.items() if k not in ('seconds', 'frac')} } "
+        f"{r['seconds'] * 1e6:.1f} us {r['frac']:.0%}" for r in fp8_rows[:5]), flush=True)
     configs = []
     for cfg in _decode_sweep(batch == s.decode_batch) if sweep else []:
         trace(f"context {context}: {cfg}")
@@ -602,6 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--no-sweep", action="store_true", help="time the default config only")
+    parser.add_argument("--fp8-sweep", action="store_true",
+                        help="time tile, warp and stage choices of the fp8-cache decode")
     parser.add_argument("--contexts", type=int, nargs="+", default=list(DECODE_CONTEXTS))
     parser.add_argument("--trace", action="store_true", help="print each timing step first")
     parser.add_argument("--seed", type=int, default=int(time.time()) % 100000,
@@ -652,7 +724,7 @@ def run_child(args) -> int:
         else:
             _, batch, context = args.child.split(":")
             row = time_decode(LLAMA3_8B, int(batch), int(context), args.copy_bw,
-                              not args.no_sweep, trace)
+                              not args.no_sweep, trace, args.fp8_sweep)
     torch.cuda.synchronize()
     print(CHILD_ROW + json.dumps(row), flush=True)
     return 0
@@ -664,6 +736,7 @@ def _child(args, name: str, copy_bw: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name,
            "--copy-bw", str(copy_bw), "--seed", str(args.seed)]
     cmd += ["--no-sweep"] * args.no_sweep + ["--trace"] * args.trace
+    cmd += ["--fp8-sweep"] * args.fp8_sweep
     proc = subprocess.run(cmd, capture_output=True, text=True)
     rows = [line for line in proc.stdout.splitlines() if line.startswith(CHILD_ROW)]
     for line in proc.stdout.splitlines():
@@ -682,6 +755,7 @@ def time_all(args) -> dict:
     decode = []
     runs = [(LLAMA3_8B.decode_batch, c) for c in args.contexts]
     runs.append((SMALL_BATCH, max(args.contexts)))
+    runs.append((512, 1024))  # W1's decode steps: 512 sequences, contexts up to 1280
     for batch, context in runs:
         row = _child(args, f"decode:{batch}:{context}", copy_bw)
         decode.append({"batch": batch, "context": context, **row})
@@ -709,7 +783,7 @@ def print_summary(report: dict) -> None:
               "SDPA on pre-gathered contiguous K/V (gather not timed)")
         print(f"{'B':>3} {'ctx':>5} {'splits':>6} {'triton us':>10} {'TB/s':>6} {'%copy':>6} "
               f"{'best us':>8} {'%copy':>6} {'best cfg (bn,w,st,sp)':>22} "
-              f"{'SDPA us':>8} {'%copy':>6}")
+              f"{'SDPA us':>8} {'%copy':>6} {'fp8 us':>8} {'%copy':>6} {'x bf16':>6}")
         for row in report["decode"]:
             if "error" in row:
                 print(f"{row['batch']:>3} {row['context']:>5} ERROR {row['error'][:200]}")
@@ -721,7 +795,9 @@ def print_summary(report: dict) -> None:
                   f"{row['triton_s'] * 1e6:>10.1f} {row['triton_bw'] / 1e12:>6.2f} "
                   f"{row['triton_frac']:>6.1%} "
                   f"{best.get('seconds', math.nan) * 1e6:>8.1f} {best.get('frac', math.nan):>6.1%}"
-                  f" {cfg:>22} {row['sdpa_s'] * 1e6:>8.1f} {row['sdpa_frac']:>6.1%}")
+                  f" {cfg:>22} {row['sdpa_s'] * 1e6:>8.1f} {row['sdpa_frac']:>6.1%}"
+                  f" {row['fp8_s'] * 1e6:>8.1f} {row['fp8_frac']:>6.1%}"
+                  f" {row['fp8_speedup']:>6.2f}")
     print(f"\nchecks: {len(checks) - len(failed)}/{len(checks)} PASS"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""))
 

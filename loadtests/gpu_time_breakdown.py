@@ -44,12 +44,13 @@ def main() -> int:
     parser.add_argument("--num-prompts", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
     args = parser.parse_args()
 
     from pagewire import LLM, SamplingParams
 
     llm = LLM(model=args.model, load_format="dummy", device="cuda", max_model_len=4096,
-              show_progress=False)
+              kv_cache_dtype=args.kv_cache_dtype, show_progress=False)
     prompts = make_prompts(args.num_prompts, 128, 1024, llm.engine.runner.spec.vocab_size, 0)
     requests = [{"prompt_token_ids": p} for p in prompts]
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)

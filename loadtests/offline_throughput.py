@@ -83,14 +83,20 @@ def main() -> int:
     parser.add_argument("--hf-batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=None,
+                        help="default: the engine's (1024 on a large GPU, else 256)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="default: the engine's offline budget (16384 on a large GPU)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="pagewire's share of the GPU (leave room for transformers)")
     parser.add_argument("--kernels", default="auto", choices=("auto", "torch"),
                         help="auto: Triton on CUDA; torch: the torch path everywhere")
     parser.add_argument("--no-hf", action="store_true", help="time pagewire alone")
+    parser.add_argument("--hf-after", action="store_true",
+                        help="run transformers after pagewire's rounds, with pagewire's memory "
+                        "freed, so each gets the whole GPU (the issue's batches of 128 fit)")
     parser.add_argument("--async-scheduling", default="auto",
                         choices=("auto", "on", "off", "both"),
                         help="overlap step N+1's host work with step N (auto: on CUDA); both: "
@@ -107,13 +113,14 @@ def main() -> int:
               device=args.device, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, kernels=args.kernels,
+              kv_cache_dtype=args.kv_cache_dtype,
               gpu_memory_utilization=args.gpu_memory_utilization,
               async_scheduling={"on": True, "off": False}.get(args.async_scheduling),
               show_progress=False)
     spec = llm.engine.runner.spec
     prompts = make_prompts(args.num_prompts, args.min_len, args.max_len, spec.vocab_size,
                            args.seed)
-    hf = None if args.no_hf else load_hf(llm, args)
+    hf = None if args.no_hf or args.hf_after else load_hf(llm, args)
     # Warm-up: allocator, thread pools, lazy inits (and with --full-warmup, kernel
     # specializations and graph captures) stay out of the numbers.
     run_pagewire(llm, prompts if args.full_warmup else prompts[:4],
@@ -136,19 +143,28 @@ def main() -> int:
             elapsed, tokens = run_pagewire(llm, prompts, args.new_tokens)
             results[name].append(tokens / elapsed)
 
+    roofline = None
+    if args.device.startswith("cuda"):
+        roofline = roofline_report(llm, prompts, args, results[next(iter(variants))])
+    if args.hf_after and not args.no_hf:
+        results["transformers"] += run_hf_alone(llm, prompts, args)
+
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine_description(args.device),
         "command": " ".join(sys.argv),
         "model": llm.engine.source.name, "dtype": str(llm.engine.config.torch_dtype),
+        "kv_cache_dtype": str(llm.engine.config.kv_torch_dtype),
+        "max_num_seqs": llm.engine.config.seq_limit,
+        "max_num_batched_tokens": llm.engine.config.token_budget,
         "kernels": "triton" if llm.engine.config.use_triton else "torch",
         "workload": {k: getattr(args, k) for k in
                      ("num_prompts", "min_len", "max_len", "new_tokens", "hf_batch", "seed")},
         "async_scheduling": args.async_scheduling,
         "output_tokens_per_s": {k: v for k, v in results.items() if v},
     }
-    if args.device.startswith("cuda"):
-        report["roofline"] = roofline_report(llm, prompts, args, results[next(iter(variants))])
+    if roofline is not None:
+        report["roofline"] = roofline
     print_table(report, results)
     if args.json:
         with open(args.json, "w") as f:
@@ -160,13 +176,36 @@ def roofline_report(llm, prompts, args, tokens_per_s: list[float]) -> dict:
     from roofline import DeviceLimits, floor_seconds
 
     limits = DeviceLimits.measure(args.device)
+    config = llm.engine.config
     floor = floor_seconds(llm.engine.runner.spec, [len(p) for p in prompts], args.new_tokens,
-                          args.max_num_seqs, llm.engine.config.torch_dtype.itemsize, limits)
+                          config.seq_limit, config.torch_dtype.itemsize, limits,
+                          kv_dtype_bytes=config.kv_torch_dtype.itemsize)
     floor_tokens_per_s = len(prompts) * args.new_tokens / floor["floor_s"]
     return {"matmul_tflops": limits.matmul_flops_per_s / 1e12,
             "copy_tb_per_s": limits.copy_bytes_per_s / 1e12, **floor,
             "floor_tokens_per_s": floor_tokens_per_s,
             "fraction_of_floor": statistics.median(tokens_per_s) / floor_tokens_per_s}
+
+
+def run_hf_alone(llm, prompts, args) -> list[float]:
+    """transformers' rounds after pagewire's KV cache, graphs and weights are freed (the
+    engine keeps only its config and source for load_hf)."""
+    import gc
+
+    runner = llm.engine.runner
+    runner.model = runner.kv_cache = runner.layer_caches = runner.decode_graphs = None
+    gc.collect()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        print(f"freed pagewire: {torch.cuda.memory_allocated() / 2**30:.1f} GiB still "
+              "allocated", flush=True)
+    hf = load_hf(llm, args)
+    run_hf(hf, prompts[:4], 4, 4, args.device)
+    tokens_per_s = []
+    for _ in range(args.rounds):
+        elapsed, tokens = run_hf(hf, prompts, args.new_tokens, args.hf_batch, args.device)
+        tokens_per_s.append(tokens / elapsed)
+    return tokens_per_s
 
 
 def load_hf(llm, args):
@@ -192,7 +231,9 @@ def machine_description(device: str) -> str:
 
 
 def print_table(report: dict, results: dict[str, list[float]]) -> None:
-    print(f"\n{report['model']} {report['dtype']} on {report['machine']}")
+    print(f"\n{report['model']} {report['dtype']} (KV {report['kv_cache_dtype']}, "
+          f"{report['max_num_seqs']} seqs, {report['max_num_batched_tokens']} tokens a step) "
+          f"on {report['machine']}")
     print(f"workload: {report['workload']}")
     print(f"{'engine':<18}{'median tok/s':>14}{'runs':>30}")
     for name, values in results.items():

@@ -44,8 +44,10 @@ def _seconds(fn, repeats: int = 20) -> float:
 
 
 def floor_seconds(spec, prompt_lens: list[int], new_tokens: int, max_num_seqs: int,
-                  dtype_bytes: int, limits: DeviceLimits) -> dict[str, float]:
-    """Prefill and decode floors of `prompt_lens` prompts with `new_tokens` outputs each."""
+                  dtype_bytes: int, limits: DeviceLimits,
+                  kv_dtype_bytes: int | None = None) -> dict[str, float]:
+    """Prefill and decode floors of `prompt_lens` prompts with `new_tokens` outputs each;
+    kv_dtype_bytes: the KV cache's element size when it differs from the weights' (fp8)."""
     h, layers = spec.hidden_size, spec.num_layers
     q_dim, kv_dim = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     per_layer = h * (q_dim + 2 * kv_dim) + q_dim * h + 3 * h * spec.intermediate_size
@@ -54,7 +56,7 @@ def floor_seconds(spec, prompt_lens: list[int], new_tokens: int, max_num_seqs: i
     attention_flops = sum(2 * 2 * n * n / 2 * q_dim * layers for n in prompt_lens)
     prefill_flops = 2 * (matmul_params - h * spec.vocab_size) * sum(prompt_lens) + \
         2 * h * spec.vocab_size * len(prompt_lens) + attention_flops
-    kv_bytes_per_token = 2 * layers * kv_dim * dtype_bytes
+    kv_bytes_per_token = 2 * layers * kv_dim * (kv_dtype_bytes or dtype_bytes)
     decode_tokens = len(prompt_lens) * (new_tokens - 1)  # the first comes from prefill
     steps = -(-decode_tokens // min(max_num_seqs, len(prompt_lens)))
     weight_bytes = matmul_params * dtype_bytes  # the embedding lookup reads a few rows only

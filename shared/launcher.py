@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "benchmarks)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="workers' context limit")
+    parser.add_argument("--kv-cache-dtype", default=None, choices=("auto", "fp8", "fp8_e4m3"),
+                        help="workers' KV cache: fp8 halves its bytes per token (lossy)")
     parser.add_argument("--worker-gpus", type=_gpu_list, default=None, metavar="0,1,...",
                         help="pin worker i (prefill first, then decode, then colocated) to GPU "
                              "i mod N through CUDA_VISIBLE_DEVICES")
@@ -225,7 +227,8 @@ def _worker_flags(args) -> list[str]:
     flags = []
     for flag, value in (("--kv-cache-bytes", args.kv_cache_bytes or None),
                         ("--load-format", args.load_format),
-                        ("--max-model-len", args.max_model_len)):
+                        ("--max-model-len", args.max_model_len),
+                        ("--kv-cache-dtype", args.kv_cache_dtype)):
         if value is not None:
             flags += [flag, str(value)]
     return flags

@@ -20,6 +20,7 @@ class LLM:
     """An engine in this process. `LLM()` loads the embedded SmolLM2-135M-Instruct."""
 
     def __init__(self, model: str | None = None, **engine_kwargs: Any):
+        engine_kwargs.setdefault("usage", "offline")  # bigger steps on a large GPU, as vLLM's
         self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
         self._next_id = 0
 

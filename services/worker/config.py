@@ -63,6 +63,7 @@ class WorkerConfig:
                               load_format=environ.get("PAGEWIRE_LOAD_FORMAT") or "auto",
                               kv_cache_memory_bytes=number("PAGEWIRE_KV_CACHE_BYTES", None),
                               max_model_len=number("PAGEWIRE_MAX_MODEL_LEN", None),
+                              kv_cache_dtype=environ.get("PAGEWIRE_KV_CACHE_DTYPE") or "auto",
                               show_progress=False)
         return cls(role=environ.get("PAGEWIRE_WORKER_ROLE", "both"),
                    host=environ.get("PAGEWIRE_WORKER_HOST", "127.0.0.1"),

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import grpc
 import torch
 
-from pagewire.config import LOAD_FORMATS
+from pagewire.config import KV_CACHE_DTYPES, LOAD_FORMATS
 from pagewire.engine.async_engine import AsyncEngine
 from pagewire.engine.kv_transfer import KV_DTYPES, KVLayout
 from pagewire.engine.llm_engine import LLMEngine
@@ -366,6 +366,10 @@ def parse_args(argv: Sequence[str] | None) -> WorkerConfig:
                         help="env PAGEWIRE_KV_CACHE_BYTES")
     parser.add_argument("--max-model-len", type=int, default=defaults.engine.max_model_len,
                         help="env PAGEWIRE_MAX_MODEL_LEN")
+    parser.add_argument("--kv-cache-dtype", default=defaults.engine.kv_cache_dtype,
+                        choices=tuple(KV_CACHE_DTYPES),
+                        help="fp8: half the KV bytes per token, lossy; workers that exchange "
+                             "KV must agree (env PAGEWIRE_KV_CACHE_DTYPE)")
     parser.add_argument("--redis-url", default=defaults.redis_url,
                         help="registry and prefix index (env PAGEWIRE_REDIS_URL)")
     parser.add_argument("--redis-namespace", default=defaults.redis_namespace,
@@ -376,7 +380,8 @@ def parse_args(argv: Sequence[str] | None) -> WorkerConfig:
     args = parser.parse_args(argv)
     engine = dataclasses.replace(defaults.engine, model=args.model, load_format=args.load_format,
                                  kv_cache_memory_bytes=args.kv_cache_bytes,
-                                 max_model_len=args.max_model_len)
+                                 max_model_len=args.max_model_len,
+                                 kv_cache_dtype=args.kv_cache_dtype)
     return WorkerConfig(role=args.role, host=args.host, port=args.port,
                         worker_id=args.worker_id, engine=engine, redis_url=args.redis_url,
                         redis_namespace=args.redis_namespace, advertise_address=args.advertise,

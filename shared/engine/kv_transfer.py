@@ -23,7 +23,8 @@ import torch
 
 FORMAT = "pagewire-kv"
 VERSION = 1
-KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+             "float8_e4m3fn": torch.float8_e4m3fn}
 
 
 class KVLayoutMismatch(ValueError):

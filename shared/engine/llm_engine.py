@@ -76,14 +76,15 @@ class LLMEngine:
             raise ValueError(f"the KV cache holds {kv.num_tokens} tokens, fewer than "
                              f"max_model_len={self.max_model_len}: raise the KV budget or "
                              "lower max_model_len")
-        print(f"pagewire: {self.source.name} on {config.device} ({config.torch_dtype}); "
+        kv_note = "" if config.kv_cache_dtype == "auto" else f", KV {config.kv_torch_dtype}"
+        print(f"pagewire: {self.source.name} on {config.device} ({config.torch_dtype}{kv_note}); "
               f"{kv.describe()}", flush=True)
         self.block_manager = BlockManager(kv.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+        self.scheduler = Scheduler(self.block_manager, config.seq_limit,
                                    config.token_budget)
         self.eos_token_ids = eos_token_ids(self.source, self.tokenizer)
-        self.kv_layout = KVLayout(self.source.name, dtype_name(config.torch_dtype),
+        self.kv_layout = KVLayout(self.source.name, dtype_name(config.kv_torch_dtype),
                                   config.block_size, spec.num_layers, spec.num_kv_heads,
                                   spec.head_dim)
         self.seqs: dict[str, Sequence] = {}

@@ -66,6 +66,7 @@ class ModelRunner:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
+        self.kv_dtype = config.kv_torch_dtype
         hf_config = AutoConfig.from_pretrained(source.model_dir)
         self.spec = ModelSpec.from_hf_config(hf_config)
         self.model = self._load_model(source)
@@ -74,12 +75,12 @@ class ModelRunner:
         self.kv_cache = torch.zeros(
             (self.spec.num_layers, 2, self.kv_info.num_blocks, config.block_size,
              self.spec.num_kv_heads, self.spec.head_dim),
-            dtype=self.dtype, device=self.device)
+            dtype=self.kv_dtype, device=self.device)
         self.layer_caches = list(self.kv_cache.unbind(0))
         self.decode_graphs = None
         if config.use_cuda_graphs:
             self.decode_graphs = DecodeGraphs(
-                self.model, self.layer_caches, config.max_num_seqs,
+                self.model, self.layer_caches, config.seq_limit,
                 min(config.max_model_len or self.spec.max_context, self.spec.max_context),
                 config.block_size, self.device)
 
@@ -100,7 +101,7 @@ class ModelRunner:
     def _block_bytes(self) -> int:
         spec = self.spec
         return (2 * spec.num_layers * self.config.block_size * spec.num_kv_heads * spec.head_dim
-                * torch.finfo(self.dtype).bits // 8)
+                * torch.finfo(self.kv_dtype).bits // 8)
 
     def _plan_kv_cache(self) -> KVCacheInfo:
         block_bytes = self._block_bytes()
@@ -122,14 +123,14 @@ class ModelRunner:
         num_blocks = -(-num_tokens // self.config.block_size)
         scratch = torch.zeros((self.spec.num_layers, 2, num_blocks, self.config.block_size,
                                self.spec.num_kv_heads, self.spec.head_dim),
-                              dtype=self.dtype, device=self.device)
+                              dtype=self.kv_dtype, device=self.device)
         meta = build_attention_metadata([num_tokens], [num_tokens], [list(range(num_blocks))],
                                         self.config.block_size, self.device)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         with torch.inference_mode():
             hidden = self.model(ids, torch.arange(num_tokens, device=self.device),
                                 list(scratch.unbind(0)), meta)
-            self.model.compute_logits(hidden[-min(num_tokens, self.config.max_num_seqs):])
+            self.model.compute_logits(hidden[-min(num_tokens, self.config.seq_limit):])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - scratch.numel() * scratch.itemsize
         del scratch, hidden
@@ -231,6 +232,9 @@ class ModelRunner:
         """Queues imported blocks into the cache (from pinned memory when `blocks` is pinned
         already, else staged there) without waiting for the steps in flight."""
         index = to_device(block_ids, torch.long, self.device)
-        self.kv_cache.index_copy_(2, index, to_device(blocks, self.dtype, self.device)
-                                  .movedim(0, 2))
+        blocks = to_device(blocks, self.kv_dtype, self.device).movedim(0, 2)
+        if self.kv_dtype.itemsize == 1:  # torch has no index_copy_ for fp8 on CPU: copy bytes
+            self.kv_cache.view(torch.uint8).index_copy_(2, index, blocks.view(torch.uint8))
+        else:
+            self.kv_cache.index_copy_(2, index, blocks)
 

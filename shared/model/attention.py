@@ -148,10 +148,19 @@ def _build_group(query_lens, context_lens, block_tables, token_start, block_size
     )
 
 
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+
+
 def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
-    """kv_cache: [2, num_blocks, block_size, kv_heads, head_dim]; k, v: [T, kv_heads, head_dim]."""
+    """kv_cache: [2, num_blocks, block_size, kv_heads, head_dim]; k, v: [T, kv_heads, head_dim].
+
+    An fp8 cache stores k and v saturated to its range, through a byte view (torch has no
+    index_copy_ for fp8 on CPU)."""
     flat = kv_cache.flatten(1, 2)
+    if kv_cache.dtype == torch.float8_e4m3fn:
+        flat = flat.view(torch.uint8)
+        k, v = (t.clamp(-FP8_MAX, FP8_MAX).to(kv_cache.dtype).view(torch.uint8) for t in (k, v))
     flat[0].index_copy_(0, slot_mapping, k)
     flat[1].index_copy_(0, slot_mapping, v)
 
@@ -168,7 +177,7 @@ class TorchPagedAttention:
         """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim]; returns [T, heads*head_dim]."""
         write_kv_cache(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
-        native = paged_decode_attention_op() if _native_ok(q) else None
+        native = paged_decode_attention_op() if _native_ok(q, kv_cache) else None
         for group in meta.groups:
             if group.is_decode and native is not None:
                 nd = meta.num_decode_seqs
@@ -181,7 +190,7 @@ class TorchPagedAttention:
             else:
                 qg = q[group.query_index]  # [B, Q, H, D]
             # One gather for keys and values: [2, B, NB, block_size, KVH, D] -> [2, B, K, KVH, D]
-            kv = kv_cache[:, group.context_blocks].flatten(2, 3)
+            kv = kv_cache[:, group.context_blocks].flatten(2, 3).to(q.dtype)
             og = F.scaled_dot_product_attention(
                 qg.transpose(1, 2), kv[0].transpose(1, 2), kv[1].transpose(1, 2),
                 attn_mask=group.mask, scale=self.scale,
@@ -194,5 +203,5 @@ class TorchPagedAttention:
         return out.flatten(1)
 
 
-def _native_ok(q: torch.Tensor) -> bool:
-    return q.device.type == "cpu" and q.dtype == torch.float32
+def _native_ok(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype == kv_cache.dtype == torch.float32

@@ -129,3 +129,9 @@ def test_bad_requests_raise_clear_errors(llm, prompt, message):
     with pytest.raises(InvalidRequestError, match=message):
         llm.engine.add_request("bad", prompt, GREEDY)
     assert "bad" not in llm.engine.seqs
+
+
+def test_the_offline_api_takes_offline_step_defaults(llm):
+    """LLM() is offline use: on a large GPU it gets vLLM's LLM-class step sizes."""
+    assert llm.engine.config.usage == "offline"
+    assert make_llm(usage="server").engine.config.usage == "server"

@@ -19,7 +19,7 @@ from pagewire.model.attention import TorchPagedAttention, build_attention_metada
 @pytest.fixture(autouse=True)
 def _torch_path_only(monkeypatch):
     # The reference is the plain SDPA path, not the native CPU kernel (no C++ build here).
-    monkeypatch.setattr(engine_attention, "_native_ok", lambda q: False)
+    monkeypatch.setattr(engine_attention, "_native_ok", lambda q, kv_cache: False)
 
 
 @pytest.mark.parametrize("heads, kv_heads, query_lens, context_lens", [
@@ -27,7 +27,8 @@ def _torch_path_only(monkeypatch):
     (4, 4, [1, 1], [5, 50]),                       # decode only
     (6, 2, [13, 3], [13, 40]),                     # prefill only
 ])
-def test_matches_the_torch_backend(heads, kv_heads, query_lens, context_lens):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float8_e4m3fn])
+def test_matches_the_torch_backend(heads, kv_heads, query_lens, context_lens, cache_dtype):
     head_dim, block_size, num_blocks = 32, 16, 40
     gen = torch.Generator().manual_seed(sum(context_lens))
     perm = torch.randperm(num_blocks, generator=gen).tolist()
@@ -42,10 +43,15 @@ def test_matches_the_torch_backend(heads, kv_heads, query_lens, context_lens):
     k = torch.randn(num_tokens, kv_heads, head_dim, generator=gen).to(DEVICE)
     v = torch.randn(num_tokens, kv_heads, head_dim, generator=gen).to(DEVICE)
     cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    if cache_dtype != torch.float32:
+        # New K/V already on the fp8 grid: this checks the plumbing, not the rounding (the
+        # write kernel's test does that).
+        cache = cache.to(cache_dtype)
+        k, v = (t.to(cache_dtype).float() for t in (k, v))
     ours_cache, ref_cache = cache.to(DEVICE), cache.clone().to(DEVICE)
     args = (heads, kv_heads, head_dim, head_dim**-0.5)
     out = TritonPagedAttention(*args).forward(q, k, v, ours_cache, meta)
     ref = TorchPagedAttention(*args).forward(q, k, v, ref_cache, meta)
-    assert torch.equal(ours_cache, ref_cache)
+    assert torch.equal(ours_cache.float(), ref_cache.float())
     assert out.shape == ref.shape == (num_tokens, heads * head_dim)
     assert rel_error(out, ref) < 1e-5

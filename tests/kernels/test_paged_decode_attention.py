@@ -63,8 +63,32 @@ def test_float16():
     assert rel_error(out, ref) < 5e-3
 
 
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_fp8_cache_is_read_unscaled(num_splits):
+    """An fp8 cache widens to q's type: the result is the reference's on the same (rounded)
+    values."""
+    q, kv_cache, tables, lens, _ = _case(13, [20, 47], 8, 2, 32, 16)
+    fp8 = kv_cache.to(torch.float8_e4m3fn)
+    ref = paged_decode_attention_reference(q.double(), fp8.double(), tables, lens, 32**-0.5)
+    out = paged_decode_attention(q, fp8, tables, lens, 32**-0.5, num_splits=num_splits,
+                                 block_n=16)
+    assert rel_error(out, ref) < 1e-5
+    assert rel_error(paged_decode_attention_reference(q, fp8, tables, lens, 32**-0.5), ref) < 1e-5
+
+
 def test_reference_is_the_engines():
     q, kv_cache, tables, lens, _ = _case(5, [9, 33], 8, 2, 16, 4)
     ours = paged_decode_attention_reference(q, kv_cache, tables, lens, 0.3)
     theirs = engine_reference(q, kv_cache, tables, lens, 0.3)
     assert rel_error(ours, theirs) < 1e-6
+
+
+def test_fp8_cache_under_bfloat16_queries_dots_in_float16():
+    """bf16 q over an fp8 cache takes the float16-dot path (the GPU's); it must agree with the
+    reference as closely as the bf16 path does."""
+    q, kv_cache, tables, lens, _ = _case(19, [20, 47], 8, 2, 32, 16, dtype=torch.bfloat16)
+    fp8 = kv_cache.to(torch.float8_e4m3fn)
+    ref = paged_decode_attention_reference(q.double(), fp8.double(), tables, lens, 32**-0.5)
+    out = paged_decode_attention(q, fp8, tables, lens, 32**-0.5, num_splits=2)
+    assert out.dtype == torch.bfloat16
+    assert rel_error(out, ref) < 1e-2

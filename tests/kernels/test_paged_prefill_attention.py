@@ -78,3 +78,26 @@ def test_float16():
                                   block_m=16, block_n=16)
     assert out.dtype == torch.float16
     assert rel_error(out, ref) < 5e-3
+
+
+def test_fp8_cache_is_read_unscaled():
+    """An fp8 cache widens to q's type: the result is the reference's on the same values."""
+    q, kv_cache, tables, lens, starts, _ = _case(17, [20, 9], [11, 0], 8, 2, 32, 16)
+    fp8 = kv_cache.to(torch.float8_e4m3fn)
+    ref = paged_prefill_attention_reference(q.double(), fp8.double(), tables, lens, starts,
+                                            32**-0.5)
+    out = paged_prefill_attention(q, fp8, tables, lens, starts, 20, 32**-0.5,
+                                  block_m=16, block_n=16)
+    assert rel_error(out, ref) < 1e-5
+
+
+def test_fp8_cache_under_bfloat16_queries_dots_in_float16():
+    q, kv_cache, tables, lens, starts, _ = _case(23, [20, 9], [11, 0], 8, 2, 32, 16,
+                                                 dtype=torch.bfloat16)
+    fp8 = kv_cache.to(torch.float8_e4m3fn)
+    ref = paged_prefill_attention_reference(q.double(), fp8.double(), tables, lens, starts,
+                                            32**-0.5)
+    out = paged_prefill_attention(q, fp8, tables, lens, starts, 20, 32**-0.5,
+                                  block_m=16, block_n=16)
+    assert out.dtype == torch.bfloat16
+    assert rel_error(out, ref) < 1e-2

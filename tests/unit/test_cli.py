@@ -43,3 +43,16 @@ def test_worker_takes_dummy_weights_from_a_flag_or_the_environment(monkeypatch):
     assert parse_args([]).engine.load_format == "dummy"
     with pytest.raises(SystemExit):
         parse_args(["--load-format", "pickle"])
+
+
+def test_fp8_kv_cache_reaches_every_worker(monkeypatch):
+    from pagewire import launcher
+    from pagewire.services.worker.server import parse_args
+
+    args = launcher.build_parser().parse_args(["--kv-cache-dtype", "fp8"])
+    assert launcher._worker_flags(args) == ["--kv-cache-dtype", "fp8"]
+    assert parse_args(["--kv-cache-dtype", "fp8"]).engine.kv_cache_dtype == "fp8"
+    monkeypatch.setenv("PAGEWIRE_KV_CACHE_DTYPE", "fp8")
+    assert parse_args([]).engine.kv_cache_dtype == "fp8"
+    with pytest.raises(SystemExit):
+        parse_args(["--kv-cache-dtype", "int4"])
