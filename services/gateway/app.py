@@ -23,7 +23,14 @@ from .generation import merge_choices, run_choice
 from .limits import BodySizeLimit
 from .metrics import GatewayMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, SamplingFields
-from .requests import check_limits, choice_specs, logprobs_of, max_tokens_of, new_request_id
+from .requests import (
+    check_limits,
+    check_text_fits,
+    choice_specs,
+    logprobs_of,
+    max_tokens_of,
+    new_request_id,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +101,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         _check_model(request, body.model)
         check_limits(body, config)
         if isinstance(body.prompt, str):
+            check_text_fits(request.app.state.model_info, [body.prompt], "prompt")
             prompt_ids = await backend.tokenize_text(body.prompt)
         else:
             prompt_ids = _checked_token_ids(request, body.prompt)
@@ -106,6 +114,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
         check_limits(body, config)
         if not request.app.state.model_info.has_chat_template:
             raise APIError(400, "this model has no chat template", param="messages")
+        check_text_fits(request.app.state.model_info, [m.content for m in body.messages],
+                        "messages")
         prompt_ids = await backend.tokenize_chat([(_template_role(m.role), m.content)
                                                   for m in body.messages])
         return await _serve(request, body, prompt_ids, config, chat=True)

@@ -59,6 +59,7 @@ class ServedTokenizer:
             max_model_len=min(spec.max_context, max_model_len or spec.max_context),
             eos_token_ids=sorted(eos_token_ids(source, tokenizer)),
             has_chat_template=tokenizer.chat_template is not None,
+            max_token_bytes=max(map(len, TokenBytes(tokenizer)(range(len(tokenizer))))),
         )
         return cls(source, tokenizer, model_info)
 

@@ -264,3 +264,17 @@ def test_a_long_prompt_does_not_block_other_calls(stub):
     info = stub.GetModelInfo(pb.ModelInfoRequest(), timeout=0.3)  # answered meanwhile
     assert info.vocab_size > 0
     assert len(pending.result().token_ids) > 100_000
+
+
+@pytest.mark.parametrize("text", [
+    "    " * 2000 + "return x",          # indentation: long whitespace tokens
+    "supercalifragilistic " * 500,
+    "héllo wörld 😀 " * 300,
+])
+def test_max_token_bytes_bounds_the_token_count_from_below(stub, text):
+    """The gateway refuses text of n bytes when n / max_token_bytes exceeds the context: the
+    bound must hold for any text (a too-small value would refuse prompts that fit)."""
+    info = stub.GetModelInfo(pb.ModelInfoRequest())
+    ids = stub.Tokenize(pb.TokenizeRequest(text=text)).token_ids
+    assert info.max_token_bytes > 1
+    assert -(-len(text.encode()) // info.max_token_bytes) <= len(ids)

@@ -7,6 +7,7 @@ field (or a sensible success), and the stack keeps serving with every KV block f
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import httpx
 import pytest
@@ -190,6 +191,20 @@ def test_wrong_method_and_unknown_route_are_in_openai_shape(stack):
 def test_a_body_over_the_limit_is_413_before_it_is_read(stack, model):
     body = completion(prompt="x" * (9 << 20))  # over the default 8 MiB
     assert_openai_error(send(stack, model, COMPLETIONS, body), 413, None)
+
+
+@pytest.mark.parametrize("route, body, param", [
+    (COMPLETIONS, completion(prompt="word " * (1 << 20)), "prompt"),  # 5 MiB
+    (CHAT, chat(messages=[{"role": "user", "content": "word " * (1 << 19)}] * 2), "messages"),
+])
+def test_text_that_cannot_fit_the_context_is_refused_before_tokenizing(stack, model, route,
+                                                                       body, param):
+    """Bytes over max_token_bytes bound the tokens from below: "at least" comes only from
+    that check, which answers before the tokenizer spends seconds on megabytes."""
+    start = time.monotonic()
+    error = assert_openai_error(send(stack, model, route, body), 400, param)
+    assert "maximum context length" in error["message"] and "at least" in error["message"]
+    assert time.monotonic() - start < 5
 
 
 @pytest.fixture(scope="module")
