@@ -39,7 +39,6 @@ logger = logging.getLogger(__name__)
 PREFILL_ATTEMPTS = 2
 DECODE_ATTEMPTS = 2
 SUSPECT_S = 10.0  # longer than the registry's TTL: by then a dead worker's entry is gone
-REGISTRY_GRACE_S = 10.0  # how long a worker gone from the registry may stand in for its tier
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,6 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.registry = WorkerRegistry(client, config.redis_namespace)
         self._indexes: dict[str, PrefixIndex] = {}
         self._known_workers: list[WorkerInfo] = []
-        self._last_seen: dict[str, tuple[WorkerInfo, float]] = {}  # id -> (info, when)
         self._redis_ok = True
         self._inflight: Counter[str] = Counter()  # our own requests per worker (heartbeats lag)
         self._inflight_blocks: Counter[str] = Counter()  # their prompt blocks, per decode worker
@@ -104,25 +102,6 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             return self._known_workers
         self._redis_ok = True
         self._known_workers = workers
-        return workers
-
-    def _with_recent_tiers(self, workers: list[WorkerInfo]) -> list[WorkerInfo]:
-        """A worker's entry can lapse for a moment (a heartbeat late past the TTL under load)
-        while it still serves. When the registry lists no worker of a tier at all, those of
-        that tier seen in the last REGISTRY_GRACE_S stand in instead of a 503: one that is
-        really gone fails its first call fast and turns suspect."""
-        now = time.monotonic()
-        for worker in workers:
-            self._last_seen[worker.worker_id] = (worker, now)
-        for worker_id, (_, seen) in list(self._last_seen.items()):
-            if now - seen > REGISTRY_GRACE_S:
-                del self._last_seen[worker_id]
-        listed = {w.worker_id for w in workers}
-        for role in ("prefill", "decode"):
-            if not any(w.serves(role) for w in workers):
-                workers = workers + [w for w, _ in self._last_seen.values()
-                                     if w.serves(role) and w.worker_id not in listed]
-                listed = {w.worker_id for w in workers}
         return workers
 
     async def _cached_blocks(self, model: str, hashes: list[int],
@@ -159,8 +138,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if not request.request_id or not request.prompt_token_ids:
             raise InvalidRequest("request_id and prompt_token_ids are required")
         rid, prompt = request.request_id, list(request.prompt_token_ids)
-        workers = self._with_recent_tiers(await self._live_workers())
-        workers = [w for w in workers if not self._is_suspect(w)]
+        workers = [w for w in await self._live_workers() if not self._is_suspect(w)]
         prefills = [w for w in workers if w.serves("prefill")]
         decodes = [w for w in workers if w.serves("decode")]
         if not prefills or not decodes:

@@ -84,39 +84,6 @@ def test_no_workers_is_unavailable_and_bad_input_is_invalid(namespace):
                                                   grpc.StatusCode.INVALID_ARGUMENT]
 
 
-def test_workers_briefly_gone_from_the_registry_still_serve(llm, namespace):
-    """Both entries lapse (announcers stopped, entries deleted) while the workers still run:
-    the router routes to the workers it saw moments ago instead of answering 503."""
-    prompt_ids = llm.get_tokenizer().encode(SYSTEM + "My bell rings.")
-    expected = llm.generate({"prompt_token_ids": prompt_ids}, SamplingParams(
-        temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0].token_ids
-
-    async def main():
-        workers = [await serve_worker(WorkerConfig(
-            role=role, port=0, engine=ENGINE, redis_url=REDIS, redis_namespace=namespace))
-            for role in ("prefill", "decode")]
-        router = await serve_router(RouterConfig(port=0, redis_url=REDIS,
-                                                 redis_namespace=namespace))
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{router.bound_port}")
-        stub = router_pb2_grpc.RouterStub(channel)
-        try:
-            await generate(stub, "seen", prompt_ids)  # the router sees both
-            for worker in workers:
-                await worker.announcer.stop()  # deregisters: the registry lists none
-            cluster = await stub.GetCluster(router_pb2.ClusterRequest())
-            assert not cluster.workers
-            return await generate(stub, "lapsed", prompt_ids)
-        finally:
-            await channel.close()
-            await router.stop(0)
-            for worker in workers:
-                worker.announcer = None  # already stopped
-                await stop_worker(worker, 0)
-
-    batches = asyncio.run(main())
-    assert [t for b in batches for t in b.token_ids] == expected
-
-
 def test_fp8_kv_crosses_from_prefill_to_decode_worker(namespace):
     """Workers with fp8 caches push fp8 blocks (half of bf16's bytes) and decode exactly as one
     offline engine with an fp8 cache does."""
