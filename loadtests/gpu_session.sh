@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call: the GPU checks and benchmarks of the engine, outputs under $OUT.
 #   run: bash loadtests/gpu_session.sh [steps...]     (steps: kernels engine w1-llama w1-qwen
-#        w1-llama-fp8 w1-qwen-fp8 w1-hf-full w1-hf-full-fp8 breakdown-fp8 kernel-timing w1-llama-async w1-qwen-async w1-llama-512 w1-llama-512-16k w1-torch w1-hf w1-llama-8k graphs kv breakdown profile
+#        w1-llama-fp8 w1-qwen-fp8 w1-hf-full w1-hf-full-fp8 kv-fp8 breakdown-fp8 kernel-timing w1-llama-async w1-qwen-async w1-llama-512 w1-llama-512-16k w1-torch w1-hf w1-llama-8k graphs kv breakdown profile
 #        profile-sync;
 #        default: kernels engine w1-llama w1-qwen)
 # Makes `pagewire` importable from this checkout without pip (the device has no index): the
@@ -80,6 +80,7 @@ for step in "${steps[@]}"; do
              --json "$OUT/w1-small-llama3-8b-vs-hf.json" 2>&1 | tail -8 ;;
     graphs) python loadtests/gpu_graph_check.py 2>&1 | grep -v "^pagewire:" ;;
     kv) python loadtests/gpu_kv_check.py 2>&1 | grep -v "^pagewire:" ;;
+    kv-fp8) python loadtests/gpu_kv_check.py --kv-cache-dtype fp8 2>&1 | grep -v "^pagewire:" ;;
     breakdown) python loadtests/gpu_time_breakdown.py 2>&1 | grep -v "^pagewire:" ;;
     breakdown-fp8) python loadtests/gpu_time_breakdown.py --kv-cache-dtype fp8 2>&1 \
                      | grep -v "^pagewire:" ;;
