@@ -69,6 +69,4 @@ def write_kv_cache_reference(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.T
                              slot_mapping: torch.Tensor) -> None:
     """The torch path's write (shared/model/attention.py), skipping negative slots."""
     keep = slot_mapping >= 0
-    cast = (lambda t: t) if kv_cache.dtype == torch.float8_e4m3fn else \
-        (lambda t: t.to(kv_cache.dtype))
-    write_kv_cache_torch(kv_cache, cast(k[keep]), cast(v[keep]), slot_mapping[keep].long())
+    write_kv_cache_torch(kv_cache, k[keep], v[keep], slot_mapping[keep].long())

@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "benchmarks)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="workers' context limit")
+    # pagewire.config.KV_CACHE_DTYPES, spelt out: the launcher imports no torch
     parser.add_argument("--kv-cache-dtype", default=None, choices=("auto", "fp8", "fp8_e4m3"),
                         help="workers' KV cache: fp8 halves its bytes per token (lossy)")
     parser.add_argument("--worker-gpus", type=_gpu_list, default=None, metavar="0,1,...",

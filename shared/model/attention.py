@@ -155,12 +155,15 @@ def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
     """kv_cache: [2, num_blocks, block_size, kv_heads, head_dim]; k, v: [T, kv_heads, head_dim].
 
-    An fp8 cache stores k and v saturated to its range, through a byte view (torch has no
+    k and v are cast to the cache's type (a no-op in the engine, where they have it already).
+    An fp8 cache stores them saturated to its range, through a byte view (torch has no
     index_copy_ for fp8 on CPU)."""
     flat = kv_cache.flatten(1, 2)
     if kv_cache.dtype == torch.float8_e4m3fn:
         flat = flat.view(torch.uint8)
         k, v = (t.clamp(-FP8_MAX, FP8_MAX).to(kv_cache.dtype).view(torch.uint8) for t in (k, v))
+    else:
+        k, v = k.to(kv_cache.dtype), v.to(kv_cache.dtype)
     flat[0].index_copy_(0, slot_mapping, k)
     flat[1].index_copy_(0, slot_mapping, v)
 
