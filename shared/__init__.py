@@ -10,6 +10,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from pagewire.import_roots import drop_checkout_roots
+
+# Before anything imports transformers: a checkout root on sys.path would shadow PyPI packages.
+drop_checkout_roots()
+
 __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 

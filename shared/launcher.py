@@ -17,6 +17,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from pagewire.cluster.routing import ROUTING_POLICIES
+from pagewire.import_roots import pagewire_argv
 
 READY_TIMEOUT_S = 300.0
 
@@ -191,7 +192,7 @@ def _redis(args, stack: Stack) -> str | None:
 
 
 def _start_services(args, stack: Stack, redis_url: str) -> None:
-    serve = [sys.executable, "-m", "pagewire.cli", "serve"]
+    serve = pagewire_argv("serve")
     namespace = f"pagewire-up-{os.getpid()}"  # a shared Redis never mixes two stacks' workers
     model = ["--model", args.model] if args.model else []
     tokenizer_port, router_port = free_port(), free_port()

@@ -7,6 +7,10 @@ import os
 import pytest
 import torch
 
+# First: importing pagewire drops the checkout root that `python -m pytest` puts on sys.path
+# (pagewire/import_roots.py), before anything imports transformers and, through it, `kernels`.
+import pagewire  # noqa: F401
+
 # Kernel tests run Triton's interpreter on CPU. Triton jits its own library (tl.sum's combine
 # function...) when it is first imported, in whatever mode TRITON_INTERPRET says then, and any
 # test may import it first (transformers probes for it): so it is set here, before them all.

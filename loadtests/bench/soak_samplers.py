@@ -133,7 +133,7 @@ class Recorder:
             await self.sample()
             try:
                 await asyncio.wait_for(self._stopped.wait(), self.interval_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def sample(self) -> None:

@@ -127,7 +127,7 @@ class Sender:
         self.outcomes.append(outcome)
         try:
             await asyncio.wait_for(self._send(planned, outcome), self.request_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             _end(outcome, "lost", f"no final outcome within {self.request_timeout_s:g} s")
         except asyncio.CancelledError:
             _end(outcome, "lost", "still running when the soak stopped waiting")

@@ -88,7 +88,7 @@ class Announcer:
         wait_s = None if self._last_info is None else self.interval_s
         try:
             snapshot = await asyncio.wait_for(asyncio.shield(self._asked), wait_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
         finally:
             if self._asked.done():

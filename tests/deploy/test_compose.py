@@ -236,6 +236,9 @@ def test_the_image_installs_torch_as_the_readme_says_and_packages_the_whole_tree
     for directory in ast.literal_eval("{" + package_dirs.replace(" = ", ": ") + "}").values():
         assert directory in copied, f"the image misses {directory}"
     assert {"pyproject.toml", "README.md"} <= copied
+    source, workdir = instructions("WORKDIR")  # services never start beside our kernels/
+    assert any(r.startswith("pip install .") and f"rm -rf {source}" in r for r in runs)
+    assert not workdir.startswith(source)
     kept = {line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines()
             if line.startswith("!")}
     assert copied <= kept, f".dockerignore leaves out {copied - kept}"
@@ -247,7 +250,8 @@ def test_the_image_bakes_the_model_into_the_cache_services_read(tmp_path):
         assert str(cache_root()) == env["PAGEWIRE_CACHE_DIR"]
     assert read == {"PAGEWIRE_CACHE_DIR"}
     bake = next(r for r in instructions("RUN") if "resolve_model" in r)
-    code = shlex.split(bake)[2]
+    assert shlex.split(bake)[:3] == ["python", "-P", "-c"]  # -P: no current folder on sys.path
+    code = shlex.split(bake)[3]
     tree = ast.parse(code)
     (imported,) = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
     module = __import__(imported.module, fromlist=["_"])

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pagewire.import_roots import pagewire_argv
 from tests.deploy.compose_file import environment_of, load_compose
 from tests.deploy.netns import Host, NamespacesUnavailable, Network
 
@@ -67,7 +68,7 @@ class Cluster:
     def launch(self, service: str) -> None:
         command = list(SERVICES[service]["command"])
         if command[:1] == ["pagewire"]:  # the same entry point, on this interpreter
-            command = [sys.executable, "-m", "pagewire.cli", *command[1:]]
+            command = pagewire_argv(*command[1:])
         else:
             command += REDIS_IMAGE_DEFAULTS
         self.network.start(self.host_of(service), command, self.child_env(service),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -23,12 +22,14 @@ import httpx
 import redis
 
 from pagewire import launcher
+from pagewire.import_roots import pagewire_argv
 from tests.integration.redis_helpers import REDIS_URL, delete_namespace
 
 MODEL = "SmolLM2-135M-Instruct"
 MAX_MODEL_LEN = 2048  # the KV cache must hold one whole sequence: keeps each worker small
 READY_TIMEOUT_S = 120.0  # a worker loads the model; several do at once on two cores
-SERVE = [sys.executable, "-m", "pagewire.cli", "serve"]
+SERVE = pagewire_argv("serve")
+ROOT = Path(__file__).resolve().parents[2]  # services start where a newcomer starts them
 
 
 def wait_for(condition: Callable[[], object], timeout_s: float, what: str,
@@ -198,7 +199,7 @@ class ProcessCluster:
         with open(service.log_path, "ab") as log:
             service.process = subprocess.Popen(
                 service.argv, stdout=log, stderr=subprocess.STDOUT, env=service.env,
-                start_new_session=True, preexec_fn=launcher._die_with_parent)
+                start_new_session=True, preexec_fn=launcher._die_with_parent, cwd=ROOT)
 
     def _wait_ready(self, service: Service) -> None:
         if service.name.startswith("gateway"):

@@ -15,7 +15,7 @@ from pagewire.v1 import tokenizer_pb2_grpc
 
 def test_module_serves_and_stops_on_sigterm():
     process = subprocess.Popen(
-        [sys.executable, "-m", "pagewire.services.tokenizer.server", "--port", "0"],
+        [sys.executable, "-P", "-m", "pagewire.services.tokenizer.server", "--port", "0"],
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:

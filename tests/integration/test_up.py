@@ -1,4 +1,8 @@
-"""`pagewire up` end to end: real processes, a private Redis, the official openai client."""
+"""`pagewire up` end to end: real processes, a private Redis, the official openai client.
+
+`up` starts in the repository root, as a newcomer runs it: the root holds a `kernels/` folder
+that must never shadow Hugging Face's `kernels` package, which transformers imports (issue 13).
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from pagewire import SamplingParams
+from pagewire.import_roots import pagewire_argv
 from pagewire.launcher import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_up_serves_the_openai_api_and_stops_everything(llm, tmp_path):
@@ -22,9 +29,10 @@ def test_up_serves_the_openai_api_and_stops_everything(llm, tmp_path):
     port = free_port()
     # Port 1 has no Redis: `up` must start its own redis-server (installed on this machine).
     process = subprocess.Popen(
-        [sys.executable, "-m", "pagewire.cli", "up", "--port", str(port),
-         "--redis-url", "redis://127.0.0.1:1/0", "--kv-cache-bytes", str(400 << 20)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        pagewire_argv("up", "--port", str(port),
+                      "--redis-url", "redis://127.0.0.1:1/0", "--kv-cache-bytes", str(400 << 20)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        cwd=ROOT)
     lines: list[str] = []
     ready = threading.Event()
 
@@ -81,10 +89,9 @@ def test_no_service_outlives_the_launcher(how):
     SIGKILL it. Either way every service it started must go, not linger as an orphan."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "pagewire.cli", "up", "--port", str(port),
-         "--kv-cache-bytes", str(400 << 20)],
+        pagewire_argv("up", "--port", str(port), "--kv-cache-bytes", str(400 << 20)),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        cwd=ROOT,        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     ready = threading.Event()
 
     def read():
