@@ -43,38 +43,7 @@ CONFIGS=${CONFIGS:-colocated-2 disagg}  # colocated first: a cut-short run keeps
 VOCAB=${VOCAB:-32000}  # prompt ids are drawn below this
 
 echo "=== setup $(date -u +%H:%M:%S)"
-if [ -d .whl ] && [ -z "${SMOKE:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-if [ -x .redis/redis-server ]; then  # wrapped: only redis sees its carried libraries
-  mkdir -p /tmp/pw-bin
-  printf '#!/bin/sh\nLD_LIBRARY_PATH=%s/.redis/lib exec %s/.redis/redis-server "$@"\n' \
-    "$PWD" "$PWD" > /tmp/pw-bin/redis-server
-  chmod +x /tmp/pw-bin/redis-server
-  export PATH=/tmp/pw-bin:$PATH
-fi
-redis-server --version || { echo "no working redis-server"; exit 1; }
-# pagewire -> shared, pagewire.{kernels,services,bench} -> their folders, without writing here.
-rm -rf /tmp/pw && mkdir -p /tmp/pw/pagewire
-for f in shared/*; do ln -sfn "$PWD/$f" /tmp/pw/pagewire/; done
-ln -sfn "$PWD/kernels" /tmp/pw/pagewire/kernels
-ln -sfn "$PWD/services" /tmp/pw/pagewire/services
-ln -sfn "$PWD/loadtests/bench" /tmp/pw/pagewire/bench
-export PYTHONPATH=/tmp/pw:$PWD${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONUNBUFFERED=1
-python - <<'EOF' | tee "$OUT/device.txt" || exit 1
-import fastapi, grpc, grpc_health, redis, torch, triton, uvicorn
-import pagewire.bench, pagewire.launcher, pagewire.services.gateway.app
-gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-print("gpus:", gpus or "none", "| torch", torch.__version__, "| triton", triton.__version__,
-      "| grpcio", grpc.__version__, "| fastapi", fastapi.__version__)
-EOF
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=index,name,memory.total,clocks.sm \
-  --format=csv,noheader | tee -a "$OUT/device.txt"
-if [ -f SNAPSHOT ]; then cat SNAPSHOT; else git log -1 --format='commit %h %s'; fi 2>/dev/null \
-  | tee -a "$OUT/device.txt"
+. loadtests/gpu_setup.sh || exit 1
 
 MODEL_DIR=/tmp/pw-models/$MODEL
 if [ "$MODEL" = tiny ]; then  # a two-layer Llama for the CPU rehearsal

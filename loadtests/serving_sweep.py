@@ -112,7 +112,8 @@ def up_flags(args: argparse.Namespace) -> list[str]:
     flags = []
     for flag, value in (("--load-format", args.load_format),
                         ("--max-model-len", args.max_model_len),
-                        ("--worker-gpus", args.worker_gpus)):
+                        ("--worker-gpus", args.worker_gpus),
+                        ("--kv-transports", args.kv_transports)):
         if value is not None:
             flags += [flag, str(value)]
     return flags
@@ -133,6 +134,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="workers' weights (dummy: random, with --model a config "
                              "directory, see bench_model.py)")
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--kv-transports", default=None,
+                        help="KV transports the workers may use (pagewire up --kv-transports)")
     parser.add_argument("--worker-gpus", default=None, metavar="0,1",
                         help="pin worker i to GPU i mod N (pagewire up --worker-gpus)")
     parser.add_argument("--kv-cache-bytes", type=int, default=512 << 20,

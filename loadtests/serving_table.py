@@ -52,8 +52,8 @@ def row_of(deployment: str, result: dict, slos_ms: dict[str, float]) -> list[str
     ttft = [r["ttft_s"] * 1000 for r in requests]
     tpot = [r["tpot_s"] * 1000 for r in requests if r["output_tokens"] > 1]
     server = result.get("server_metrics") or {}
-    pushes = server.get(f"{KV_SECONDS}_count", 0)
-    push_s, ttft_count = server.get(f"{KV_SECONDS}_sum", 0.0), server.get(f"{TTFT_SECONDS}_count")
+    pushes = _summed(server, f"{KV_SECONDS}_count")
+    push_s, ttft_count = _summed(server, f"{KV_SECONDS}_sum"), server.get(f"{TTFT_SECONDS}_count")
     mean_ttft_s = server.get(f"{TTFT_SECONDS}_sum", 0.0) / ttft_count if ttft_count else None
     mean_push_s = push_s / pushes if pushes else None
     return [
@@ -63,8 +63,13 @@ def row_of(deployment: str, result: dict, slos_ms: dict[str, float]) -> list[str
         *(_pct(values, p) for values in (ttft, tpot) for p in (50, 90)),
         f"{pushes:.0f}", _ms_text(mean_push_s),
         f"{mean_push_s / mean_ttft_s:.0%}" if mean_push_s and mean_ttft_s else "-",
-        f"{server.get(KV_BYTES, 0) / push_s / 1e9:.2f}" if push_s else "-",
+        f"{_summed(server, KV_BYTES) / push_s / 1e9:.2f}" if push_s else "-",
     ]
+
+
+def _summed(server: dict[str, float], name: str) -> float:
+    """A sample's value over all its labels (the KV counters have one per transport)."""
+    return sum(v for k, v in server.items() if k == name or k.startswith(name + "{"))
 
 
 def _ms(record: dict, name: str) -> float:

@@ -42,8 +42,12 @@ def _engine_errors() -> tuple[tuple[type[Exception], grpc.StatusCode], ...]:
     from pagewire.engine.async_engine import EngineDeadError
     from pagewire.engine.kv_transfer import KVFormatError, KVLayoutMismatch
     from pagewire.engine.llm_engine import InvalidRequestError, OutOfKVBlocksError
+    from pagewire.kv_transport.nixl_agent import NixlTransferError
+    from pagewire.kv_transport.shared_memory import SharedFileError
 
     return (
+        (SharedFileError, grpc.StatusCode.INVALID_ARGUMENT),
+        (NixlTransferError, grpc.StatusCode.ABORTED),
         (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
         (KVLayoutMismatch, grpc.StatusCode.INVALID_ARGUMENT),
         (KVFormatError, grpc.StatusCode.INVALID_ARGUMENT),

@@ -16,11 +16,13 @@ from pagewire.import_roots import drop_checkout_roots
 drop_checkout_roots()
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput",
+           "CompletionOutput"]
 
 _LAZY = {
     "LLM": "pagewire.llm",
     "SamplingParams": "pagewire.sampling.params",
+    "StructuredOutputsParams": "pagewire.sampling.structured",
     "RequestOutput": "pagewire.outputs",
     "CompletionOutput": "pagewire.outputs",
 }
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from pagewire.llm import LLM
     from pagewire.outputs import CompletionOutput, RequestOutput
     from pagewire.sampling.params import SamplingParams
+    from pagewire.sampling.structured import StructuredOutputsParams
 
 
 def __getattr__(name: str):

@@ -1,7 +1,7 @@
 """Engine configuration: one frozen dataclass per concern, validated at construction.
 
 Facts computed at start (the number of KV blocks, the resolved model directory) live in runtime
-objects, never written back here (STYLE.md, habit 14).
+objects, never written back here.
 """
 
 from __future__ import annotations
@@ -92,6 +92,10 @@ class EngineConfig:
     async_scheduling: bool | None = None
     """Schedule and launch step N+1 before reading step N's tokens back, so the host's work
     overlaps the device's. None: on CUDA only (on CPU the host is the device)."""
+    kv_cache_shared_dir: str | None = None
+    """CPU only: keep the KV cache in a file of this tmpfs folder (mapped shared), so a prefill
+    worker on the same host can write a prompt's KV straight into it (the shm KV transport).
+    A folder without room for it leaves the cache in private memory."""
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:

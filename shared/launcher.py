@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     # pagewire.config.KV_CACHE_DTYPES, spelt out: the launcher imports no torch
     parser.add_argument("--kv-cache-dtype", default=None, choices=("auto", "fp8", "fp8_e4m3"),
                         help="workers' KV cache: fp8 halves its bytes per token (lossy)")
+    parser.add_argument("--kv-transports", default=None,
+                        help="KV transports workers may use, fastest first, from cuda_ipc, "
+                             "shm, nixl, grpc (default: all; gRPC bytes stay the fallback)")
+    parser.add_argument("--max-local-prefill-tokens", type=int, default=None,
+                        help="the router computes a prompt on its decode worker when that "
+                             "worker lacks at most this many of its tokens (default 0)")
     parser.add_argument("--worker-gpus", type=_gpu_list, default=None, metavar="0,1,...",
                         help="pin worker i (prefill first, then decode, then colocated) to GPU "
                              "i mod N through CUDA_VISIBLE_DEVICES")
@@ -209,9 +215,11 @@ def _start_services(args, stack: Stack, redis_url: str) -> None:
                 "--redis-namespace", namespace] + model + _worker_flags(args),
                 env=_worker_env(args, len(workers)))
             workers.append(f"127.0.0.1:{port}")
+    placement = [] if args.max_local_prefill_tokens is None else \
+        ["--max-local-prefill-tokens", str(args.max_local_prefill_tokens)]
     stack.start("router", serve + ["router", "--port", str(router_port), "--redis-url",
                                    redis_url, "--redis-namespace", namespace,
-                                   "--policy", args.routing])
+                                   "--policy", args.routing] + placement)
     for name, address in [("tokenizer", f"127.0.0.1:{tokenizer_port}"),
                           ("router", f"127.0.0.1:{router_port}")] + \
             [("worker", a) for a in workers]:
@@ -230,7 +238,8 @@ def _worker_flags(args) -> list[str]:
     for flag, value in (("--kv-cache-bytes", args.kv_cache_bytes or None),
                         ("--load-format", args.load_format),
                         ("--max-model-len", args.max_model_len),
-                        ("--kv-cache-dtype", args.kv_cache_dtype)):
+                        ("--kv-cache-dtype", args.kv_cache_dtype),
+                        ("--kv-transports", args.kv_transports)):
         if value is not None:
             flags += [flag, str(value)]
     return flags

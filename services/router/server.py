@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 import redis
 
+from pagewire.cluster.prefill_placement import CostModel, PlacementConfig
 from pagewire.cluster.prefix_index import PrefixIndex
 from pagewire.cluster.registry import WorkerInfo, WorkerRegistry
 from pagewire.cluster.routing import (
@@ -56,6 +57,9 @@ class RouterConfig:
     """How the prefill worker is chosen: prefix (longest cached prefix against load) or
     round-robin (in turn, blind to caches: the baseline prefix-aware routing is measured
     against)."""
+    placement: PlacementConfig = PlacementConfig()
+    """When a disaggregated request's prompt is computed on its decode worker instead of
+    moving its KV (pagewire.cluster.prefill_placement)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -66,11 +70,14 @@ class RouterConfig:
 
     @classmethod
     def from_env(cls, environ=os.environ) -> RouterConfig:
+        placement = PlacementConfig(
+            max_local_prefill_tokens=int(environ.get("PAGEWIRE_MAX_LOCAL_PREFILL_TOKENS", "0")),
+            cost_based=environ.get("PAGEWIRE_COST_BASED_PLACEMENT", "1") not in ("0", "false"))
         return cls(host=environ.get("PAGEWIRE_ROUTER_HOST", "127.0.0.1"),
                    port=int(environ.get("PAGEWIRE_ROUTER_PORT", "50071")),
                    redis_url=environ.get("PAGEWIRE_REDIS_URL", "redis://127.0.0.1:6379/0"),
                    redis_namespace=environ.get("PAGEWIRE_REDIS_NAMESPACE", "pagewire"),
-                   policy=environ.get("PAGEWIRE_ROUTING_POLICY", "prefix"))
+                   policy=environ.get("PAGEWIRE_ROUTING_POLICY", "prefix"), placement=placement)
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -89,6 +96,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self._suspects: dict[str, float] = {}  # worker id -> until when it is skipped
         self._where: dict[str, list[worker_pb2_grpc.WorkerStub]] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self.costs = CostModel(config.placement)  # what prefills and transfers measured
+        self.decisions: Counter[str] = Counter()
 
     # ---- finding and choosing workers --------------------------------------------------------
 
@@ -144,9 +153,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if not prefills or not decodes:
             raise Unavailable("no live prefill and decode workers are registered")
         hashes = hash_full_blocks(prompt, decodes[0].block_size)
-        round_robin = self.config.policy == "round-robin"
-        cached = {} if round_robin else await self._cached_blocks(prefills[0].model, hashes,
-                                                                   prefills)
+        # Every candidate's cached prefix: a prefill worker's saves compute, a decode worker's
+        # saves a transfer (and may make computing the rest there cheaper than moving it).
+        candidates = list({w.worker_id: w for w in prefills + decodes}.values())
+        cached = await self._cached_blocks(prefills[0].model, hashes, candidates)
+        if self.config.policy == "round-robin":
+            cached = {w.worker_id: cached.get(w.worker_id, 0) for w in decodes}
         timeout = (request.timeout_ms or self.config.default_timeout_ms) / 1000
         async with asyncio.timeout(timeout):
             for attempt in range(DECODE_ATTEMPTS):
@@ -188,12 +200,22 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             prefill = pick_prefill_worker(prefills, cached, num_full_blocks, self.config.weights)
         decode = prefill if keeps_decode(prefill, needed) else pick_decode_worker(
             self._with_inflight(decodes), needed, self.config.weights)
+        decision = ""
+        if decode.worker_id != prefill.worker_id:
+            held = min(cached.get(decode.worker_id, 0), len(prompt) // decode.block_size)
+            decision = self.costs.place(prefill.worker_id, decode.worker_id,
+                                        len(prompt) - held * decode.block_size, needed - held)
+            if decision != "remote":
+                prefill = decode  # computed where it decodes: nothing moves
+            self.decisions[decision] += 1
         chosen = [decode] if decode.worker_id == prefill.worker_id else [prefill, decode]
         self._inflight.update(w.worker_id for w in chosen)
         self._inflight_blocks[decode.worker_id] += needed
         try:
             if len(chosen) == 1:  # one worker doing both: no transfer at all
-                async for batch in self._colocated(rid, prompt, sampling, decode):
+                async for batch in self._colocated(rid, prompt, sampling, decode, decision,
+                                                   len(prompt) - held * decode.block_size
+                                                   if decision else 0):
                     yield batch
             else:
                 async for batch in self._disaggregated(rid, prompt, sampling, prefill, decode,
@@ -204,9 +226,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             self._inflight_blocks[decode.worker_id] -= needed
             self._where.pop(rid, None)
 
-    async def _colocated(self, rid, prompt, sampling, worker):
+    async def _colocated(self, rid, prompt, sampling, worker, decision="", num_computed=0):
+        """The whole request on one worker: a colocated one, or a decode worker that the
+        placement chose to compute the prompt itself (`decision`, of `num_computed` tokens)."""
         stub = self._stub(worker)
         self._where[rid] = [stub]
+        started = time.perf_counter()
         stream = stub.Generate(worker_pb2.GenerateRequest(
             request_id=rid, prompt_token_ids=prompt, sampling=sampling))
         try:
@@ -216,6 +241,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 raise _Unreachable(worker, _lost(worker, exc)) from None
             raise _lost(worker, exc) from None
         if first != grpc.aio.EOF:
+            if decision:  # its time to first token is that worker's prefill, as we measure it
+                self.costs.observe_prefill(worker.worker_id, num_computed,
+                                           time.perf_counter() - started)
+                first.prefill_decision = decision
             yield first
             async for batch in _relay(stream, worker, lambda m: m):
                 yield batch
@@ -236,27 +265,44 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             if first == grpc.aio.EOF or not first.HasField("reserved"):
                 raise Unavailable(f"decode worker {decode.worker_id} did not reserve")
             prefilled = await self._prefill_with_retry(rid, prompt, sampling, prefill, prefills,
-                                                       decode, first.reserved.skip_blocks)
-            transfer_reported = False
+                                                       decode, first.reserved)
+            self.costs.observe_prefill(prefill.worker_id, prefilled.computed_tokens,
+                                       prefilled.prefill_us / 1e6)
+            self.costs.observe_transfer(prefill.worker_id, decode.worker_id,
+                                        prefilled.kv_transport, prefilled.kv_bytes,
+                                        prefilled.kv_transfer_us / 1e6, first.reserved.num_blocks)
+            # The first token goes out as soon as the prefill worker has it (its KV is in the
+            # decode worker's blocks by then), not after the decode worker's engine takes it.
+            yield _first_batch(prompt, sampling, prefilled)
+            stripped = False
             async for batch in _relay(stream, decode, lambda m: m.tokens):
-                if not transfer_reported:  # the gateway's KV transfer metrics
-                    batch.kv_transfer_bytes = prefilled.kv_bytes
-                    batch.kv_transfer_ms = prefilled.kv_transfer_ms
-                    transfer_reported = True
+                if not stripped:  # it starts with that same first token: sent already
+                    stripped = True
+                    if not batch.token_ids or batch.token_ids[0] != prefilled.first_token_id:
+                        raise Unavailable(f"decode worker {decode.worker_id} continued from "
+                                          "another first token than its prefill worker's")
+                    del batch.token_ids[0]
+                    if batch.logprobs:
+                        del batch.logprobs[0]
+                    batch.prompt_tokens = batch.cached_tokens = 0
+                    if not batch.token_ids and not batch.finish_reason:
+                        continue
                 yield batch
         except grpc.aio.AioRpcError as exc:
             raise _lost(decode, exc) from None
         finally:
             stream.cancel()  # no-op once finished; a cancelled client aborts the decode side
 
-    async def _prefill_with_retry(self, rid, prompt, sampling, prefill, prefills, decode, skip):
+    async def _prefill_with_retry(self, rid, prompt, sampling, prefill, prefills, decode,
+                                  reserved):
         tried: set[str] = set()
         while True:
             tried.add(prefill.worker_id)
             try:
                 return await self._stub(prefill).Prefill(worker_pb2.PrefillRequest(
                     request_id=rid, prompt_token_ids=prompt, sampling=sampling,
-                    decode_worker_address=decode.address, skip_blocks=skip,
+                    decode_worker_address=decode.address, skip_blocks=reserved.skip_blocks,
+                    decode_block_ids=reserved.block_ids, decode_cache_id=reserved.cache_id,
                     timeout_ms=self.config.transfer_timeout_ms))
             except grpc.aio.AioRpcError as exc:
                 others = [w for w in prefills if w.worker_id not in tried]
@@ -282,12 +328,22 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     @grpc_errors
     async def GetCluster(self, request, context):
         workers = await self._live_workers()
-        return router_pb2.ClusterInfo(prefix_index_available=self._redis_ok, workers=[
-            router_pb2.WorkerStatus(id=w.worker_id, role=w.role, address=w.address,
-                                    running=w.running, waiting=w.waiting,
-                                    kv_blocks_free=w.kv_blocks_free,
-                                    kv_blocks_total=w.kv_blocks_total, served=w.served)
-            for w in workers])
+        speeds = self.costs.prefill_tokens_per_s
+        links = [router_pb2.KVLink(prefill_id=p, decode_id=d, bytes_per_s=a.value,
+                                   transfers=a.count,
+                                   transport=self.costs.link_transport.get((p, d), ""))
+                 for (p, d), a in sorted(self.costs.link_bytes_per_s.items())]
+        return router_pb2.ClusterInfo(
+            prefix_index_available=self._redis_ok, links=links,
+            prefill_decisions=dict(self.decisions), workers=[
+                router_pb2.WorkerStatus(
+                    id=w.worker_id, role=w.role, address=w.address, running=w.running,
+                    waiting=w.waiting, kv_blocks_free=w.kv_blocks_free,
+                    kv_blocks_total=w.kv_blocks_total, served=w.served,
+                    prefill_tokens_per_s=speeds[w.worker_id].value
+                    if w.worker_id in speeds else 0.0, device=w.device,
+                    kv_transports=[t for t in w.kv_transports.split(",") if t])
+                for w in workers])
 
 
 class _Unreachable(Exception):
@@ -296,6 +352,19 @@ class _Unreachable(Exception):
     def __init__(self, worker: WorkerInfo, error: Exception):
         super().__init__(str(error))
         self.worker, self.error = worker, error
+
+
+def _first_batch(prompt, sampling, prefilled) -> common_pb2.TokenBatch:
+    """A disaggregated request's first token, from the prefill worker's answer, with what the
+    gateway counts on a first batch (the prompt, the cache hit, the KV transfer)."""
+    batch = common_pb2.TokenBatch(
+        token_ids=[prefilled.first_token_id], prompt_tokens=len(prompt),
+        cached_tokens=prefilled.cached_tokens, kv_transfer_bytes=prefilled.kv_bytes,
+        kv_transfer_us=prefilled.kv_transfer_us, kv_transport=prefilled.kv_transport,
+        prefill_decision="remote")
+    if sampling.HasField("logprobs"):
+        batch.logprobs.append(prefilled.first_logprobs)
+    return batch
 
 
 async def _relay(stream, worker: WorkerInfo, unwrap):
@@ -337,10 +406,22 @@ def parse_args(argv: Sequence[str] | None) -> RouterConfig:
                         help="env PAGEWIRE_REDIS_NAMESPACE")
     parser.add_argument("--policy", default=defaults.policy, choices=ROUTING_POLICIES,
                         help="how prefill workers are chosen (env PAGEWIRE_ROUTING_POLICY)")
+    parser.add_argument("--max-local-prefill-tokens", type=int,
+                        default=defaults.placement.max_local_prefill_tokens,
+                        help="compute a prompt on its decode worker when that worker lacks at "
+                             "most this many of its tokens (env "
+                             "PAGEWIRE_MAX_LOCAL_PREFILL_TOKENS; 0: costs alone decide)")
+    parser.add_argument("--cost-based-placement", action=argparse.BooleanOptionalAction,
+                        default=defaults.placement.cost_based,
+                        help="also compute it there when moving its KV would cost more than "
+                             "recomputing, as measured (env PAGEWIRE_COST_BASED_PLACEMENT)")
     args = parser.parse_args(argv)
+    placement = dataclasses.replace(defaults.placement,
+                                    max_local_prefill_tokens=args.max_local_prefill_tokens,
+                                    cost_based=args.cost_based_placement)
     return dataclasses.replace(defaults, host=args.host, port=args.port,
                                redis_url=args.redis_url, redis_namespace=args.redis_namespace,
-                               policy=args.policy)
+                               policy=args.policy, placement=placement)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

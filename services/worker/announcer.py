@@ -27,9 +27,11 @@ logger = logging.getLogger(__name__)
 class Announcer:
     def __init__(self, engine: AsyncEngine, redis_url: str, worker_id: str, role: str,
                  address: str, served, namespace: str = "pagewire", interval_s: float = 1.0,
-                 ttl_s: float = 5.0, max_stale_s: float = 30.0):
+                 ttl_s: float = 5.0, max_stale_s: float = 30.0, device: str = "",
+                 kv_transports: str = ""):
         self.engine = engine
         self.worker_id, self.role, self.address = worker_id, role, address
+        self.device, self.kv_transports = device, kv_transports  # shown in /cluster
         self.served = served  # callable: requests completed so far
         self.interval_s = interval_s
         client = redis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
@@ -118,7 +120,8 @@ class Announcer:
                           model=engine.source.name, running=len(engine.scheduler.running),
                           waiting=len(engine.scheduler.waiting),
                           kv_blocks_free=bm.num_free_blocks, kv_blocks_total=bm.num_blocks,
-                          served=self.served(), block_size=bm.block_size)
+                          served=self.served(), block_size=bm.block_size,
+                          device=self.device, kv_transports=self.kv_transports)
         return info, stored, removed, bm.cached_hashes()
 
     def _write(self, info, stored, removed, held) -> None:
@@ -127,3 +130,4 @@ class Announcer:
             self.index.republish_all(self.worker_id, held)
         elif stored or removed:
             self.index.publish(self.worker_id, stored, removed)
+

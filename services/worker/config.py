@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from pagewire.config import EngineConfig
+from pagewire.kv_transport import KV_TRANSPORTS, check_transports
 
 ROLES = ("prefill", "decode", "both")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -35,6 +36,11 @@ class WorkerConfig:
     kv_chunk_bytes: int = 4 << 20
     """Largest KV message of a transfer (whole blocks; at least one block per message)."""
     max_message_bytes: int = 64 << 20
+    kv_transports: tuple[str, ...] = KV_TRANSPORTS
+    """KV transports this worker may use, fastest first (pagewire.kv_transport); gRPC bytes,
+    the fallback, always comes last. `grpc` alone forces today's path (for comparisons)."""
+    shm_dir: str = "/dev/shm"
+    """tmpfs folder of the shared-memory transport; workers must see the same one."""
     test_kv_push_pause_s: float = 0.0
     """Fault injection for tests only (env PAGEWIRE_TEST_KV_PUSH_PAUSE_S): the sender waits
     this long before each KV message after the header, so a test can kill it mid-transfer.
@@ -47,6 +53,7 @@ class WorkerConfig:
             raise ValueError(f"port must be in [0, 65535]; got {self.port}")
         if self.kv_chunk_bytes <= 0 or self.max_message_bytes <= self.kv_chunk_bytes:
             raise ValueError("need 0 < kv_chunk_bytes < max_message_bytes")
+        object.__setattr__(self, "kv_transports", check_transports(self.kv_transports))
         if self.test_kv_push_pause_s < 0:
             raise ValueError(f"test_kv_push_pause_s must be >= 0; got {self.test_kv_push_pause_s}")
 
@@ -72,7 +79,14 @@ class WorkerConfig:
                    redis_url=environ.get("PAGEWIRE_REDIS_URL") or None,
                    redis_namespace=environ.get("PAGEWIRE_REDIS_NAMESPACE", "pagewire"),
                    advertise_address=environ.get("PAGEWIRE_WORKER_ADVERTISE") or None,
+                   kv_transports=transport_names(environ.get("PAGEWIRE_KV_TRANSPORTS"))
+                   or KV_TRANSPORTS,
+                   shm_dir=environ.get("PAGEWIRE_SHM_DIR") or "/dev/shm",
                    test_kv_push_pause_s=float(environ.get("PAGEWIRE_TEST_KV_PUSH_PAUSE_S") or 0))
+
+
+def transport_names(value: str | None) -> tuple[str, ...]:
+    return tuple(n.strip() for n in (value or "").split(",") if n.strip())
 
 
 def advertised_address(config: WorkerConfig, port: int) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pagewire.outputs import RequestOutput
 from pagewire.sampling.params import SamplingParams
+from pagewire.sampling.structured import StructuredOutputsParams
 from pagewire.services.grpc_errors import InvalidRequest
 from pagewire.v1 import common_pb2
 
@@ -19,6 +20,10 @@ def sampling_from_proto(options: common_pb2.SamplingOptions) -> SamplingParams:
     if options.max_tokens < 1:
         raise InvalidRequest("sampling.max_tokens must be >= 1")
     try:
+        structured = None
+        if options.HasField("structured"):
+            structured = StructuredOutputsParams.from_spec(options.structured.kind,
+                                                           options.structured.spec)
         return SamplingParams(
             temperature=options.temperature,
             top_p=options.top_p or 1.0,
@@ -33,6 +38,7 @@ def sampling_from_proto(options: common_pb2.SamplingOptions) -> SamplingParams:
             stop_token_ids=list(options.stop_token_ids),
             ignore_eos=options.ignore_eos,
             logprobs=options.logprobs if options.HasField("logprobs") else None,
+            structured_outputs=structured,
         )
     except ValueError as exc:
         raise InvalidRequest(f"sampling: {exc}") from exc

@@ -1,9 +1,11 @@
 """The worker service: a thin grpc.aio layer over AsyncEngine (protos/pagewire/v1/worker.proto).
 
 A disaggregated request is a transaction (worker.proto says how): Decode reserves blocks and
-waits, bounded by its transfer timeout, for the KV that the prefill worker pushes with PushKV;
-PushKV checks layout and sizes before anything reaches the engine; every failure or
-cancellation aborts the request on this worker, which frees its blocks.
+waits, bounded by its transfer timeout, for the KV that the prefill worker pushes with PushKV.
+The two sides of a transfer live beside this file: kv_push.py (the prefill worker's: the
+handshake and the transport it picks) and kv_receive.py (the decode worker's: the offers, the
+reservations, the checks before anything reaches the engine). Every failure or cancellation
+aborts the request on this worker, which frees its blocks.
 """
 
 from __future__ import annotations
@@ -16,46 +18,47 @@ import time
 from collections.abc import Sequence
 
 import grpc
-import torch
 
 from pagewire.config import KV_CACHE_DTYPES, LOAD_FORMATS
 from pagewire.engine.async_engine import AsyncEngine
-from pagewire.engine.kv_transfer import KV_DTYPES, KVLayout
 from pagewire.engine.llm_engine import LLMEngine
+from pagewire.kv_transport import KV_TRANSPORTS
+from pagewire.kv_transport.mapped_cache import BlockStreamer
+from pagewire.kv_transport.nixl_agent import NixlEndpoint, nixl_available
+from pagewire.kv_transport.shared_memory import SharedMemoryFolder
 from pagewire.services.grpc_errors import (
     Aborted,
     FailedPrecondition,
     InvalidRequest,
-    NotFound,
     grpc_errors,
 )
-from pagewire.services.grpc_options import CHANNEL_OPTIONS, KEEPALIVE_SERVER_OPTIONS
+from pagewire.services.grpc_options import KEEPALIVE_SERVER_OPTIONS
 from pagewire.services.lifecycle import add_health, run_service
 from pagewire.services.worker.announcer import Announcer
-from pagewire.services.worker.config import WorkerConfig, advertised_address
+from pagewire.services.worker.config import WorkerConfig, advertised_address, transport_names
 from pagewire.services.worker.convert import sampling_from_proto, token_batch, token_logprobs
+from pagewire.services.worker.kv_push import (
+    KVPusher,
+    PushResult,
+    finish_even_if_cancelled,
+    is_direct,
+)
+from pagewire.services.worker.kv_receive import KVReceiver
 from pagewire.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 60.0
 
 
-class TruncatedTransfer(InvalidRequest):
-    """A KV transfer that ended before all the blocks its header declares: its sender was
-    killed or cut off mid-way (gRPC shows a dead client's stream as a clean end). The partial
-    blocks are dropped; the reservation outlives it, for a retry from another prefill worker,
-    bounded by its transfer timeout and by the Decode call that holds it."""
-
-
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, engine: AsyncEngine, config: WorkerConfig, worker_id: str):
+    def __init__(self, engine: AsyncEngine, config: WorkerConfig, worker_id: str,
+                 pusher: KVPusher, receiver: KVReceiver):
         self.engine = engine
         self.config = config
         self.worker_id = worker_id
         self.served = 0
-        # request_id -> future of (header, layout, blocks), set by PushKV for a waiting Decode
-        self._transfers: dict[str, asyncio.Future] = {}
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.pusher = pusher  # the prefill side of KV transfers (kv_push.py)
+        self.receiver = receiver  # the decode side (kv_receive.py)
 
     def _require(self, role: str) -> None:
         if self.config.role not in (role, "both"):
@@ -68,81 +71,120 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._require("prefill")
         rid, prompt = _request_id(request), list(request.prompt_token_ids)
         params = dataclasses.replace(sampling_from_proto(request.sampling), max_tokens=1)
+        address = request.decode_worker_address
+        if not address:
+            raise InvalidRequest("decode_worker_address is empty")
         timeout = request.timeout_ms / 1000 or DEFAULT_TIMEOUT_S
-        async with asyncio.timeout(timeout):
-            final = None
-            async for output in self.engine.stream(
-                    rid, lambda e: e.add_request(rid, prompt, params, hold_kv=True)):
-                final = output
-            if final.outputs[0].finish_reason == "abort":
-                raise Aborted(f"{rid!r} was aborted during its prefill")
-            try:
-                export = await self.engine.call(
-                    lambda e: e.start_kv_export(rid, request.skip_blocks))
-            finally:  # the copy is queued ahead of any later step (or failed): free the blocks
-                await self.engine.call(lambda e: e.abort_request(rid))
-            # Waited for here, off the engine thread: the next batch is not held up.
-            blocks, num_tokens = await asyncio.to_thread(export.wait), export.num_tokens
-            completion = final.outputs[0]
-            header = self._kv_header(rid, num_tokens, request.skip_blocks, blocks.shape[0],
-                                     final)
-            start = time.perf_counter()
-            await self._push_kv(request.decode_worker_address, header, blocks)
-            elapsed_ms = int((time.perf_counter() - start) * 1000)
+        deadline = time.monotonic() + timeout
+        # A bad request is refused before a transfer opens (its grammar compiles here, once).
+        await asyncio.to_thread(self.engine.engine.check_request, prompt, params)
+        try:
+            async with asyncio.timeout(timeout):
+                # Before computing anything: a refused layout costs no prefill.
+                peer = await self.pusher.peer(address, request.decode_cache_id)
+                started = time.perf_counter()
+                if peer.mapped_cache is not None:
+                    final, pushed = await self._prefill_streaming(rid, prompt, params, address,
+                                                                  peer, request)
+                    prefill_us = int((time.perf_counter() - started) * 1e6)
+                else:
+                    final = await self._prefill(rid, prompt, params)
+                    prefill_us = int((time.perf_counter() - started) * 1e6)
+                    header = self._kv_header(rid, request.skip_blocks, final)
+                    if is_direct(peer.transport):
+                        pushed = await self.pusher.push_direct(
+                            peer, address, rid, header, list(request.decode_block_ids),
+                            deadline)
+                    else:
+                        pushed = await self._push_bytes(rid, address, header,
+                                                        request.skip_blocks)
+        finally:  # the held blocks, once nothing reads them any more
+            await self.engine.call(lambda e: e.abort_request(rid))
         self.served += 1
+        completion = final.outputs[0]
         response = worker_pb2.PrefillResponse(
             first_token_id=completion.token_ids[0], cached_tokens=final.num_cached_tokens,
-            kv_bytes=blocks.numel() * blocks.element_size(), kv_transfer_ms=elapsed_ms)
+            kv_bytes=pushed.kv_bytes, kv_transfer_us=pushed.transfer_us,
+            kv_transport=pushed.transport, prefill_us=prefill_us,
+            computed_tokens=len(prompt) - final.num_cached_tokens)
         if completion.logprobs:
             response.first_logprobs.CopyFrom(token_logprobs(completion.token_ids[0],
                                                             completion.logprobs[0]))
         return response
 
-    def _kv_header(self, rid, num_tokens, skip_blocks, num_blocks, output):
+    async def _prefill(self, rid, prompt, params, kv_sink=None):
+        """Runs the prompt, holding its blocks; its final output (the first token)."""
+        final = None
+        async for output in self.engine.stream(
+                rid, lambda e: e.add_request(rid, prompt, params, hold_kv=True,
+                                             kv_sink=kv_sink)):
+            final = output
+        if final.outputs[0].finish_reason == "abort":
+            raise Aborted(f"{rid!r} was aborted during its prefill")
+        return final
+
+    async def _prefill_streaming(self, rid, prompt, params, address, peer, request):
+        """The prompt's blocks go into the decode worker's mapped cache as its chunks are
+        computed (BlockStreamer), the PushKV stream open from before the first chunk to the
+        commit; (the final output, the push's result)."""
+        layout = self.engine.engine.kv_layout
+        dst_ids = list(request.decode_block_ids)
+        header = worker_pb2.KVHeader(
+            request_id=rid, model=layout.model, dtype=layout.dtype,
+            block_size=layout.block_size, num_layers=layout.num_layers,
+            num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, num_tokens=len(prompt),
+            skip_blocks=request.skip_blocks, num_blocks=len(dst_ids))
+        if request.skip_blocks + len(dst_ids) != -(-len(prompt) // layout.block_size):
+            raise InvalidRequest(f"{len(dst_ids)} decode_block_ids after skip_blocks="
+                                 f"{request.skip_blocks} do not hold {len(prompt)} tokens")
+        streamer = BlockStreamer(peer.mapped_cache, dst_ids, request.skip_blocks)
+        call = await self.pusher.open_direct(peer, address, header, dst_ids)
+        try:
+            try:
+                final = await self._prefill(rid, prompt, params, streamer)
+            finally:
+                # Nothing more is copied after this; then every copy made has landed, before
+                # the stream can end (the decode worker frees the blocks once it has).
+                streamer.stop()
+                await finish_even_if_cancelled(asyncio.to_thread(streamer.wait))
+            if streamer.error is not None:
+                raise streamer.error
+            if not streamer.complete:
+                raise Aborted(f"{rid!r}: {streamer.num_sent} of {len(dst_ids)} blocks sent")
+            completion = final.outputs[0]
+            commit = worker_pb2.KVCommit(kv_bytes=streamer.num_bytes,
+                                         first_token_id=completion.token_ids[0],
+                                         cached_tokens=final.num_cached_tokens)
+            if completion.logprobs:
+                commit.first_logprobs.CopyFrom(token_logprobs(completion.token_ids[0],
+                                                              completion.logprobs[0]))
+            await self.pusher.commit(call, address, commit)
+        finally:
+            call.cancel()  # no-op once committed
+        return final, PushResult(streamer.num_bytes, int(streamer.seconds * 1e6),
+                                 peer.transport)
+
+    async def _push_bytes(self, rid: str, address: str, header, skip_blocks: int):
+        try:
+            export = await self.engine.call(lambda e: e.start_kv_export(rid, skip_blocks))
+        finally:  # the copy is queued ahead of any later step (or failed): free the blocks
+            await self.engine.call(lambda e: e.abort_request(rid))
+        # Waited for here, off the engine thread: the next batch is not held up.
+        blocks = await asyncio.to_thread(export.wait)
+        header.num_tokens, header.num_blocks = export.num_tokens, blocks.shape[0]
+        return await self.pusher.push_bytes(address, header, blocks)
+
+    def _kv_header(self, rid, skip_blocks, output) -> worker_pb2.KVHeader:
         layout = self.engine.engine.kv_layout
         header = worker_pb2.KVHeader(
             request_id=rid, model=layout.model, dtype=layout.dtype,
             block_size=layout.block_size, num_layers=layout.num_layers,
-            num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, num_tokens=num_tokens,
-            skip_blocks=skip_blocks, num_blocks=num_blocks,
+            num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, skip_blocks=skip_blocks,
             first_token_id=output.outputs[0].token_ids[0], cached_tokens=output.num_cached_tokens)
         if output.outputs[0].logprobs:
             header.first_logprobs.CopyFrom(token_logprobs(output.outputs[0].token_ids[0],
                                                              output.outputs[0].logprobs[0]))
         return header
-
-    async def _push_kv(self, address: str, header, blocks: torch.Tensor) -> None:
-        if not address:
-            raise InvalidRequest("decode_worker_address is empty")
-        block_bytes = self.engine.engine.kv_layout.block_bytes
-        per_message = max(1, self.config.kv_chunk_bytes // block_bytes)
-        pause_s = self.config.test_kv_push_pause_s
-
-        async def chunks():
-            yield worker_pb2.KVChunk(header=header)
-            if pause_s:
-                logger.warning("test hook: KV push of %r to %s pauses %.1f s per message",
-                               header.request_id, address, pause_s)
-            for first in range(0, blocks.shape[0], per_message):
-                if pause_s:
-                    await asyncio.sleep(pause_s)
-                data = blocks[first:first + per_message].contiguous().view(torch.uint8)
-                yield worker_pb2.KVChunk(blocks=worker_pb2.KVBlocks(
-                    first_block=first, data=data.numpy().tobytes()))
-
-        stub = worker_pb2_grpc.WorkerStub(self._channel(address))
-        try:
-            await stub.PushKV(chunks())
-        except grpc.aio.AioRpcError as exc:
-            raise _push_failed(address, exc) from None
-
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        if address not in self._channels:
-            limit = self.config.max_message_bytes
-            self._channels[address] = grpc.aio.insecure_channel(address, options=[
-                ("grpc.max_send_message_length", limit),
-                ("grpc.max_receive_message_length", limit), *CHANNEL_OPTIONS])
-        return self._channels[address]
 
     # ---- decode role --------------------------------------------------------------------------
 
@@ -151,32 +193,25 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._require("decode")
         rid, prompt = _request_id(request), list(request.prompt_token_ids)
         params = sampling_from_proto(request.sampling)
-        skip = await self.engine.call(lambda e: e.reserve_kv(rid, prompt, params))
-        arrived = asyncio.get_running_loop().create_future()
-        self._transfers[rid] = arrived
+        reserved = await self.receiver.reserve(rid, prompt, params)
+        committed = False
         try:
-            yield worker_pb2.DecodeResponse(reserved=worker_pb2.Reserved(
-                skip_blocks=skip, num_blocks=-(-len(prompt) // self.engine.engine.config.block_size)
-                - skip))
+            yield worker_pb2.DecodeResponse(reserved=reserved)
             timeout = request.transfer_timeout_ms / 1000 or DEFAULT_TIMEOUT_S
-            try:
-                header, layout, blocks = await asyncio.wait_for(arrived, timeout)
-            except TimeoutError:
-                raise TimeoutError(f"no KV arrived for {rid!r} within {timeout:.1f} s") from None
-        except BaseException:
-            await self.engine.call(lambda e: e.abort_request(rid))  # frees the reservation
-            raise
-        finally:
-            self._transfers.pop(rid, None)
+            header, layout, blocks = await self.receiver.wait(rid, timeout)
+            committed = True
+        finally:  # uncommitted: the reservation's blocks are freed (after any write in flight)
+            await self.receiver.end(rid, committed)
 
         first = header.first_logprobs
         first_logprobs = [((header.first_token_id, first.logprob),
                            [(top.token_id, top.logprob) for top in first.top])]
 
-        def submit(e: LLMEngine):
+        def submit(e: LLMEngine):  # blocks=None: already written into the reserved blocks
             return e.import_kv_blocks(rid, prompt, [header.first_token_id], layout,
                                       header.num_tokens, header.skip_blocks, blocks, params,
-                                      header.cached_tokens, first_logprobs)
+                                      header.cached_tokens, first_logprobs,
+                                      num_blocks=header.num_blocks)
 
         num_sent = 0
         async for output in self.engine.stream(rid, submit):
@@ -185,73 +220,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.served += 1
 
     @grpc_errors
+    async def KVHandshake(self, request, context):
+        self._require("decode")
+        return self.receiver.handshake(request)
+
+    @grpc_errors
     async def PushKV(self, request_iterator, context):
         self._require("decode")
-        header, parts, arrived = None, [], None
-        try:
-            async for chunk in request_iterator:
-                if chunk.HasField("header"):
-                    if header is not None:
-                        raise InvalidRequest("a second KV header in one transfer")
-                    header = chunk.header
-                    arrived = self._transfers.get(header.request_id)
-                    if arrived is None:
-                        raise NotFound(f"no reservation awaits KV for {header.request_id!r}")
-                    layout = self._checked_layout(header)  # at the handshake, not after the data
-                    declared = header.num_blocks * layout.block_bytes
-                    received = 0
-                elif header is None:
-                    raise InvalidRequest("KV blocks before the KV header")
-                else:
-                    received += len(chunk.blocks.data)
-                    if received > declared:  # refused as it arrives, never buffered
-                        raise InvalidRequest(f"the transfer holds over {declared} bytes, the "
-                                             f"{header.num_blocks} blocks its header declares")
-                    parts.append(chunk.blocks.data)
-            if header is None:
-                raise InvalidRequest("an empty KV transfer")
-            # Joining and (on CUDA) pinning a prompt's KV, ~100 MB for 1k tokens of an 8B
-            # model, runs on a thread: not on the event loop that streams everyone's tokens,
-            # nor on the engine thread, which then only queues the copy to the device.
-            blocks = await asyncio.to_thread(self._received_blocks, header, layout, parts)
-        except TruncatedTransfer:
-            raise  # its sender died mid-way: the reservation waits for the router's retry
-        except Exception as exc:  # a wrong transfer fails the waiting Decode with its reason
-            if arrived is not None and not arrived.done():
-                arrived.set_exception(exc)
-            raise
-        if arrived.done():  # the reservation timed out meanwhile
-            raise NotFound(f"the reservation for {header.request_id!r} has ended")
-        arrived.set_result((header, layout, blocks))
-        return worker_pb2.PushKVResponse(num_blocks=header.num_blocks)
-
-    def _checked_layout(self, header) -> KVLayout:
-        if header.dtype not in KV_DTYPES:
-            raise InvalidRequest(f"unknown KV dtype {header.dtype!r}")
-        layout = KVLayout(header.model, header.dtype, header.block_size, header.num_layers,
-                          header.num_kv_heads, header.head_dim)
-        self.engine.engine.kv_layout.check_matches(layout)  # immutable: safe off the engine thread
-        return layout
-
-    def _received_blocks(self, header, layout: KVLayout, parts: list[bytes]) -> torch.Tensor:
-        blocks = self._checked_blocks(header, layout, parts)
-        if self.engine.engine.runner.device.type == "cuda" and blocks.numel():
-            blocks = blocks.pin_memory()
-        return blocks
-
-    def _checked_blocks(self, header, layout: KVLayout, parts: list[bytes]) -> torch.Tensor:
-        data = b"".join(parts)
-        if len(data) < header.num_blocks * layout.block_bytes:
-            raise TruncatedTransfer(f"the transfer ended after {len(data)} bytes of the "
-                                    f"{header.num_blocks} blocks of {layout.block_bytes} its "
-                                    "header declares")
-        if len(data) != header.num_blocks * layout.block_bytes:
-            raise InvalidRequest(f"the transfer holds {len(data)} bytes; its header declares "
-                                 f"{header.num_blocks} blocks of {layout.block_bytes}")
-        if not data:  # every block already cached on this side (frombuffer refuses b"")
-            return torch.empty(0, *layout.block_shape, dtype=KV_DTYPES[header.dtype])
-        blocks = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return blocks.view(KV_DTYPES[header.dtype]).view(header.num_blocks, *layout.block_shape)
+        async for reply in self.receiver.receive(request_iterator):
+            yield reply
 
     # ---- both roles ---------------------------------------------------------------------------
 
@@ -268,11 +245,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     @grpc_errors
     async def Abort(self, request, context):
         rid = _request_id(request)
-        arrived = self._transfers.get(rid)
-        if arrived is not None and not arrived.done():
-            arrived.set_exception(ConnectionAbortedError(f"{rid!r} was aborted"))
+        if self.receiver.cancel(rid):  # a reservation: its Decode call frees it
+            return common_pb2.AbortResponse(found=True)
         output = await self.engine.abort(rid)
-        return common_pb2.AbortResponse(found=output is not None or arrived is not None)
+        return common_pb2.AbortResponse(found=output is not None)
 
     @grpc_errors
     async def GetStats(self, request, context):
@@ -284,17 +260,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 kv_blocks_total=e.block_manager.num_blocks, served=self.served,
                 prefix_hit_tokens=e.stats.num_prefix_hit_tokens)
         return await self.engine.call(stats)
-
-
-def _push_failed(address: str, exc: grpc.aio.AioRpcError) -> Exception:
-    """The decode worker's refusal passed on with its own status. Anything else (the decode
-    worker gone, its reservation cancelled) aborts the request, as CANCELLED, never as
-    UNAVAILABLE: that would tell the router this prefill worker is lost and to retry."""
-    message = f"KV push to {address} failed: {exc.code().name}: {exc.details()}"
-    by_code = {grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
-               grpc.StatusCode.NOT_FOUND: NotFound,
-               grpc.StatusCode.DEADLINE_EXCEEDED: TimeoutError}
-    return by_code.get(exc.code(), Aborted)(message)
 
 
 def _request_id(request) -> str:
@@ -313,7 +278,11 @@ async def serve(config: WorkerConfig) -> grpc.aio.Server:
         message = f"the engine thread failed ({error!r}): this worker can serve nothing"
         loop.call_soon_threadsafe(lambda: fatal.done() or fatal.set_result(message))
 
-    engine = AsyncEngine(await asyncio.to_thread(LLMEngine, config.engine),
+    shm = _shared_memory_folder(config)
+    engine_config = config.engine
+    if shm is not None and config.role != "prefill":  # a receiver's cache, in shared memory
+        engine_config = engine_config.replace(kv_cache_shared_dir=config.shm_dir)
+    engine = AsyncEngine(await asyncio.to_thread(LLMEngine, engine_config),
                          on_death=engine_died).start()
     limit = config.max_message_bytes
     server = grpc.aio.server(options=[("grpc.max_send_message_length", limit),
@@ -322,7 +291,12 @@ async def serve(config: WorkerConfig) -> grpc.aio.Server:
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     address = advertised_address(config, port)
     worker_id = config.worker_id or f"{config.role}@{address}"  # unique per replica
-    servicer = WorkerServicer(engine, config, worker_id)
+    receiver = KVReceiver(engine, config.kv_transports, shm)
+    receiver.nixl = await asyncio.to_thread(_nixl_endpoint, config, engine,
+                                            f"{worker_id}/{receiver.cache_id}")
+    pusher = KVPusher(engine, config.kv_transports, config.kv_chunk_bytes, limit, shm,
+                      receiver.nixl, config.test_kv_push_pause_s)
+    servicer = WorkerServicer(engine, config, worker_id, pusher, receiver)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     await add_health(server, "pagewire.v1.Worker")
     await server.start()
@@ -330,14 +304,47 @@ async def serve(config: WorkerConfig) -> grpc.aio.Server:
     server.async_engine = engine
     server.fatal = fatal
     server.announcer = None
+    server.servicer = servicer
     if config.redis_url:
         server.announcer = Announcer(engine, config.redis_url, worker_id, config.role, address,
                                      served=lambda: servicer.served,
-                                     namespace=config.redis_namespace)
+                                     namespace=config.redis_namespace,
+                                     device=_device_name(engine.engine.runner.device),
+                                     kv_transports="" if config.role == "prefill" else
+                                     ",".join(sorted(receiver.offers())))
         await server.announcer.announce_once()
         server.announcer.start()
-    logger.info("%s serving on %s:%d", worker_id, config.host, port)
+    logger.info("%s serving on %s:%d (KV transports in: %s)", worker_id, config.host, port,
+                ", ".join(sorted(receiver.offers())))
     return server
+
+
+def _device_name(device) -> str:
+    if device.type != "cuda":
+        return device.type
+    import torch
+
+    return f"cuda {torch.cuda.get_device_name(device)}"
+
+
+def _shared_memory_folder(config: WorkerConfig) -> SharedMemoryFolder | None:
+    if "shm" not in config.kv_transports or config.engine.device != "cpu":
+        return None
+    folder = SharedMemoryFolder(config.shm_dir)
+    return folder if folder.open() else None
+
+
+def _nixl_endpoint(config: WorkerConfig, engine: AsyncEngine, name: str) -> NixlEndpoint | None:
+    if "nixl" not in config.kv_transports:
+        return None
+    if not nixl_available():
+        logger.info("no NIXL KV transport: the nixl package is not installed")
+        return None
+    try:
+        return NixlEndpoint(name, engine.engine.runner.kv_cache)
+    except Exception as exc:  # noqa: BLE001 - NIXL's own error types; the worker serves on
+        logger.warning("no NIXL KV transport: its agent did not start (%r)", exc)
+        return None
 
 
 async def stop(server: grpc.aio.Server, grace_s: float = 5.0) -> None:
@@ -345,6 +352,16 @@ async def stop(server: grpc.aio.Server, grace_s: float = 5.0) -> None:
         await server.announcer.stop()
     await server.stop(grace_s)
     await server.async_engine.stop()
+    servicer = server.servicer
+    servicer.pusher.close()
+    if servicer.receiver.nixl is not None:
+        servicer.receiver.nixl.close()
+    shm = servicer.receiver.shm
+    if shm is not None:
+        cache_file = server.async_engine.engine.runner.kv_cache_file
+        if cache_file:
+            shm.remove(cache_file)
+        shm.close()
 
 
 def parse_args(argv: Sequence[str] | None) -> WorkerConfig:
@@ -374,6 +391,13 @@ def parse_args(argv: Sequence[str] | None) -> WorkerConfig:
                         help="registry and prefix index (env PAGEWIRE_REDIS_URL)")
     parser.add_argument("--redis-namespace", default=defaults.redis_namespace,
                         help="key prefix shared with the router (env PAGEWIRE_REDIS_NAMESPACE)")
+    parser.add_argument("--kv-transports", default=",".join(defaults.kv_transports),
+                        help="KV transports this worker may use, fastest first, from "
+                             f"{','.join(KV_TRANSPORTS)}; gRPC bytes stay the fallback "
+                             "(env PAGEWIRE_KV_TRANSPORTS)")
+    parser.add_argument("--shm-dir", default=defaults.shm_dir,
+                        help="tmpfs folder of the shared-memory KV transport (env "
+                             "PAGEWIRE_SHM_DIR)")
     parser.add_argument("--advertise", default=defaults.advertise_address,
                         help="host:port others reach this worker at (env "
                              "PAGEWIRE_WORKER_ADVERTISE)")
@@ -385,6 +409,7 @@ def parse_args(argv: Sequence[str] | None) -> WorkerConfig:
     return WorkerConfig(role=args.role, host=args.host, port=args.port,
                         worker_id=args.worker_id, engine=engine, redis_url=args.redis_url,
                         redis_namespace=args.redis_namespace, advertise_address=args.advertise,
+                        kv_transports=transport_names(args.kv_transports), shm_dir=args.shm_dir,
                         test_kv_push_pause_s=defaults.test_kv_push_pause_s)
 
 

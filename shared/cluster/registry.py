@@ -43,6 +43,8 @@ class WorkerInfo:
     kv_blocks_total: int = 0
     served: int = 0  # requests completed since start
     block_size: int = 16  # tokens per KV block: the router hashes prompts with it
+    device: str = ""  # where its engine runs: "cpu", or "cuda" and the GPU's name
+    kv_transports: str = ""  # KV transports it receives on, comma-separated (for /cluster)
 
     def __post_init__(self) -> None:
         check_role(self.role)
@@ -129,6 +131,7 @@ def _decode(worker_id: str, raw_fields: dict) -> WorkerInfo | None:
             address=fields["address"],
             model=fields["model"],
             **{name: int(fields[name]) for name in _INT_FIELDS if name in fields},
+            device=fields.get("device", ""), kv_transports=fields.get("kv_transports", ""),
         )
     except (KeyError, ValueError) as exc:
         # Written by a newer or broken worker: skip it rather than fail every routing decision.

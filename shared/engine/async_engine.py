@@ -1,5 +1,5 @@
-"""An engine in its own thread, driven from asyncio (the gRPC workers' side of STYLE.md's
-"async at the edges, sync in the core").
+"""An engine in its own thread, driven from asyncio: the services are async at
+the edges, the engine is synchronous at the core.
 
 The engine thread owns the LLMEngine: every call from the event loop crosses a command queue
 and runs between steps, so the engine is never touched by two threads. Each request's outputs

@@ -8,6 +8,7 @@ Not thread-safe: one thread owns an engine and calls step() in a loop.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from pagewire.model.model_source import resolve_model
 from pagewire.outputs import CompletionOutput, Logprob, RequestOutput
 from pagewire.sampling.params import SamplingParams
 from pagewire.sampling.sampler import make_generator
+from pagewire.structured_output.grammars import GrammarCompiler, GrammarError
 from pagewire.tokenizer.detokenizer import IncrementalDetokenizer
 from pagewire.tokenizer.loader import eos_token_ids, load_tokenizer
 from pagewire.tokenizer.stop_strings import StopStringMatcher
@@ -45,10 +47,15 @@ class KVExport:
 
     num_tokens: int
     copy: HostCopy
+    out: torch.Tensor | None = None  # where the caller asked for the blocks
 
     def wait(self) -> torch.Tensor:
         """The blocks [n, *kv_layout.block_shape] on the host, once copied."""
-        return self.copy.wait()[0]
+        blocks = self.copy.wait()[0]
+        if self.out is not None and blocks is not self.out:
+            self.out.copy_(blocks)  # from the device's pinned staging copy
+            return self.out
+        return blocks
 
 
 class InvalidRequestError(ValueError):
@@ -98,12 +105,14 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams | None = None, hold_kv: bool = False,
-                    prompt: str | None = None) -> Sequence:
-        """Queues a request. hold_kv keeps its blocks after it finishes, for export_kv."""
+                    prompt: str | None = None, kv_sink: object | None = None) -> Sequence:
+        """Queues a request. hold_kv keeps its blocks after it finishes, for export_kv;
+        kv_sink receives its prompt's KV as it is computed (Sequence.kv_sink)."""
         params = params or SamplingParams()
         self._validate(request_id, prompt_token_ids, params)
         seq = Sequence(request_id, list(prompt_token_ids), params, self.config.block_size,
-                       arrival_time=time.monotonic(), prompt_text=prompt, hold_kv=hold_kv)
+                       arrival_time=time.monotonic(), prompt_text=prompt, hold_kv=hold_kv,
+                       kv_sink=kv_sink)
         self._register(seq)
         self.scheduler.add(seq)
         return seq
@@ -112,6 +121,12 @@ class LLMEngine:
                   params: SamplingParams) -> None:
         if request_id in self.seqs:
             raise RequestIdInUseError(f"request id {request_id!r} is already in use")
+        self.check_request(prompt_token_ids, params)
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Refuses a prompt or parameters this engine cannot serve (InvalidRequestError).
+        Reads only what never changes, so a server may call it off the engine thread, before
+        it commits anything to the request."""
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty")
         vocab = self.runner.spec.vocab_size
@@ -122,6 +137,20 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"the prompt has {len(prompt_token_ids)} tokens; this model's context is "
                 f"{self.max_model_len} tokens, which must also hold at least one output token")
+        if params.structured_outputs is not None:
+            try:  # compiled (and cached) now: a constraint it cannot compile fails here
+                self.grammars.compile(params.structured_outputs)
+            except GrammarError as exc:
+                raise InvalidRequestError(str(exc)) from None
+
+    @functools.cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Structured outputs' compiler, made on first use (it reads the whole vocabulary)."""
+        if self.tokenizer is None:
+            raise InvalidRequestError("structured outputs need the model's tokenizer, and this "
+                                      "model has none")
+        return GrammarCompiler(self.tokenizer, self.runner.spec.vocab_size,
+                               list(self.eos_token_ids))
 
     def _register(self, seq: Sequence) -> None:
         params = seq.params
@@ -131,6 +160,8 @@ class LLMEngine:
             seq.eos_token_ids = self.eos_token_ids
         if params.seed is not None:
             seq.generator = make_generator(params.seed, self.runner.device)
+        if params.structured_outputs is not None:
+            seq.grammar = self.grammars.matcher(params.structured_outputs)
         self.seqs[seq.request_id] = seq
         self._texts[seq.request_id] = ""
         if self.tokenizer is not None:
@@ -167,8 +198,8 @@ class LLMEngine:
         N+1. A sequence that step N ended (a stop string, EOS) had one token too many computed
         in N+1; that token is dropped."""
         in_flight, self._in_flight = self._in_flight, None
-        if in_flight is not None and in_flight.counts_output_tokens:
-            return self._finish_step(in_flight, finished_only)  # penalties count every token
+        if in_flight is not None and in_flight.needs_host_tokens:
+            return self._finish_step(in_flight, finished_only)  # penalties, grammars
         launched = self._launch(in_flight)
         outputs = self._finish_step(in_flight, finished_only) if in_flight is not None else []
         if launched is not None:
@@ -189,6 +220,10 @@ class LLMEngine:
         self.stats.num_prefix_hit_tokens += batch.num_prefix_hit_tokens
         result = self.runner.execute(batch, in_flight)
         self.scheduler.commit_step(batch)
+        for seq in batch.seqs:  # after the forward, in its order: the KV they read is written
+            if seq.kv_sink is not None:
+                seq.kv_sink.on_computed(self.runner.kv_cache, seq.block_table,
+                                        seq.num_computed_tokens, seq.num_prompt_tokens)
         for seq in result.seqs:
             seq.num_pending_tokens += 1
         return result if result.output is not None else None
@@ -222,6 +257,12 @@ class LLMEngine:
     def _after_token(self, seq: Sequence, token_id: int) -> None:
         params = seq.params
         rid = seq.request_id
+        if seq.grammar is not None and not seq.grammar.accept(token_id):
+            # Only a token the mask did not cover gets here (an imported first token from an
+            # engine that sampled without the grammar): the output cannot go on matching it.
+            self._finish_text(seq, [])
+            self.scheduler.finish(seq, FinishReason.STOP)
+            return
         stop_token = token_id in params.stop_token_ids or token_id in seq.eos_token_ids
         if stop_token and seq.num_output_tokens > params.min_tokens - 1:
             self._finish_text(seq, [token_id] if params.include_stop_str_in_output else [])
@@ -241,7 +282,10 @@ class LLMEngine:
                 return
         else:
             self._texts[rid] += new_text
-        if len(seq.token_ids) >= seq.max_num_tokens:
+        if seq.grammar is not None and seq.grammar.terminated:  # complete, even with ignore_eos
+            self._finish_text(seq, [])
+            self.scheduler.finish(seq, FinishReason.STOP)
+        elif len(seq.token_ids) >= seq.max_num_tokens:
             self._finish_text(seq, [])
             self.scheduler.finish(seq, FinishReason.LENGTH)
 
@@ -315,17 +359,34 @@ class LLMEngine:
         export = self.start_kv_export(request_id, skip_blocks)
         return export.num_tokens, export.wait()
 
-    def start_kv_export(self, request_id: str, skip_blocks: int = 0) -> KVExport:
+    def start_kv_export(self, request_id: str, skip_blocks: int = 0,
+                        out: torch.Tensor | None = None) -> KVExport:
         """Starts copying a held sequence's KV to the host and returns at once: the caller may
         release the sequence right away and wait for the copy on another thread, so the engine
-        never stalls on a transfer."""
+        never stalls on a transfer. `out`, [n, *kv_layout.block_shape] on the CPU, receives the
+        blocks (a transport's buffer: on CPU the engine copies straight into it)."""
         seq = self._held(request_id)
         num_tokens = seq.num_computed_tokens
         num_blocks = -(-num_tokens // self.config.block_size)
         if not 0 <= skip_blocks <= num_blocks:
             raise InvalidRequestError(f"skip_blocks={skip_blocks} outside [0, {num_blocks}]")
-        copy = self.runner.read_blocks(seq.block_table[skip_blocks:num_blocks])
-        return KVExport(num_tokens, copy)
+        shape = (num_blocks - skip_blocks, *self.kv_layout.block_shape)
+        if out is not None and (tuple(out.shape) != shape or out.dtype != self.runner.kv_dtype):
+            raise InvalidRequestError(f"an export buffer of {tuple(out.shape)} {out.dtype} "
+                                      f"cannot hold {shape} {self.runner.kv_dtype}")
+        copy = self.runner.read_blocks(seq.block_table[skip_blocks:num_blocks], out)
+        return KVExport(num_tokens, copy, out)
+
+    def held_blocks(self, request_id: str, skip_blocks: int = 0) -> tuple[int, list[int]]:
+        """(num_tokens, block ids) of a held sequence's KV, less the first skip_blocks blocks:
+        what a transport that writes into the receiver's blocks reads (runner.kv_cache). The
+        blocks stay the sequence's, unchanged, until release()."""
+        seq = self._held(request_id)
+        num_tokens = seq.num_computed_tokens
+        num_blocks = -(-num_tokens // self.config.block_size)
+        if not 0 <= skip_blocks <= num_blocks:
+            raise InvalidRequestError(f"skip_blocks={skip_blocks} outside [0, {num_blocks}]")
+        return num_tokens, list(seq.block_table[skip_blocks:num_blocks])
 
     def release(self, request_id: str) -> None:
         """Frees a held sequence's blocks (after export, or when the transfer failed)."""
@@ -359,6 +420,14 @@ class LLMEngine:
         self._register(seq)
         return len(cached)
 
+    def reserved_block_ids(self, request_id: str) -> list[int]:
+        """The blocks a reservation holds for KV still to come (after those its prefix cache
+        had): where a transport that writes into this cache puts it."""
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.reserved_blocks is None:
+            raise InvalidRequestError(f"no reservation {request_id!r}")
+        return list(seq.block_table[seq.reserved_blocks:])
+
     def import_kv(self, request_id: str, prompt_token_ids: list[int],
                   output_token_ids: list[int], kv_data: bytes,
                   params: SamplingParams | None = None, num_cached_tokens: int = 0) -> Sequence:
@@ -371,27 +440,41 @@ class LLMEngine:
 
     def import_kv_blocks(self, request_id: str, prompt_token_ids: list[int],
                          output_token_ids: list[int], layout: KVLayout, num_tokens: int,
-                         skip_blocks: int, blocks: torch.Tensor,
+                         skip_blocks: int, blocks: torch.Tensor | None,
                          params: SamplingParams | None = None,
                          num_cached_tokens: int = 0,
-                         output_logprobs: list | None = None) -> Sequence:
+                         output_logprobs: list | None = None,
+                         num_blocks: int | None = None) -> Sequence:
         """import_kv with the bytes already decoded (the worker's wire format carries them).
         `output_logprobs`, one (sampled (id, logprob), top [(id, logprob)]) per output token,
-        carries the origin's logprobs over when the request asks for them."""
+        carries the origin's logprobs over when the request asks for them.
+
+        blocks=None commits KV that a transport already wrote into the reservation's blocks
+        (reserved_block_ids): then num_blocks says how many it wrote, and nothing is copied."""
         self.kv_layout.check_matches(layout)
+        in_place = blocks is None
+        if in_place:
+            num_sent = num_blocks or 0
+        else:
+            num_sent = blocks.shape[0]
+            if tuple(blocks.shape[1:]) != layout.block_shape:
+                raise InvalidRequestError(f"blocks of shape {tuple(blocks.shape[1:])}, not "
+                                          f"{layout.block_shape}")
         vocab = self.runner.spec.vocab_size
         if any(not 0 <= t < vocab for t in output_token_ids):  # the next step embeds them
             raise InvalidRequestError(f"output token ids out of the vocabulary [0, {vocab}): "
                                       f"{list(output_token_ids)[:5]}")
-        if tuple(blocks.shape[1:]) != layout.block_shape or \
-                skip_blocks + blocks.shape[0] != -(-num_tokens // layout.block_size):
-            raise InvalidRequestError(f"{blocks.shape[0]} blocks after {skip_blocks} skipped "
+        if skip_blocks + num_sent != -(-num_tokens // layout.block_size):
+            raise InvalidRequestError(f"{num_sent} blocks after {skip_blocks} skipped "
                                       f"do not hold {num_tokens} tokens")
         if num_tokens != len(prompt_token_ids) + len(output_token_ids) - 1:
             raise InvalidRequestError(
                 f"the KV covers {num_tokens} tokens; the sequence has "
                 f"{len(prompt_token_ids) + len(output_token_ids)}, so it must cover one fewer")
         seq = self.seqs.get(request_id)
+        if seq is None and in_place:
+            raise InvalidRequestError(f"KV written in place for {request_id!r}, which holds "
+                                      "no reservation")
         if seq is None:
             seq = self._fresh_import(request_id, prompt_token_ids, params, skip_blocks, blocks)
         elif seq.reserved_blocks is None or seq.prompt_token_ids != list(prompt_token_ids):
@@ -402,8 +485,8 @@ class LLMEngine:
                                       f"holds {seq.reserved_blocks}")
         if not self.block_manager.allocate(seq.block_table, num_tokens):
             raise OutOfKVBlocksError("no KV blocks for the tokens beyond the prompt")
-        self.runner.write_blocks(seq.block_table[skip_blocks:skip_blocks + blocks.shape[0]],
-                                 blocks)
+        if not in_place:
+            self.runner.write_blocks(seq.block_table[skip_blocks:skip_blocks + num_sent], blocks)
         seq.reserved_blocks = None
         seq.num_cached_tokens = num_cached_tokens
         for i, token_id in enumerate(output_token_ids):  # replay: text and stop state as at origin

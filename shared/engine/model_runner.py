@@ -8,6 +8,8 @@ and import (kv_transfer.py).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -18,14 +20,17 @@ from pagewire.device_copies import HostCopy, to_device
 from pagewire.engine.cuda_graphs import DecodeGraphs
 from pagewire.engine.scheduler import ScheduledBatch
 from pagewire.engine.sequence import Sequence
+from pagewire.kv_transport.shared_memory import SharedMemoryFolder
 from pagewire.model.attention import build_attention_metadata
 from pagewire.model.cpu_kernels import paged_decode_attention_op
 from pagewire.model.llama import LlamaForCausalLM, ModelSpec
 from pagewire.model.model_source import ModelSource
 from pagewire.model.weights import init_dummy_weights, iter_safetensors, load_weights
 from pagewire.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata
+from pagewire.structured_output.grammars import BatchMasks
 
 CPU_KV_CACHE_BYTES = 1 << 30
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,8 +58,9 @@ class StepResult:
     output: SamplerOutput | None
     host_copy: HostCopy | None = None
     row_of: dict[Sequence, int] = field(default_factory=dict)
-    # Penalties counted these sequences' output tokens: the next step needs them on the host.
-    counts_output_tokens: bool = False
+    # The next step needs these sequences' tokens on the host first: penalties count them, a
+    # grammar's mask for the next token depends on them.
+    needs_host_tokens: bool = False
 
     def host_output(self) -> SamplerOutput:
         assert self.output is not None and self.host_copy is not None
@@ -71,11 +77,12 @@ class ModelRunner:
         self.spec = ModelSpec.from_hf_config(hf_config)
         self.model = self._load_model(source)
         self.sampler = Sampler()
+        self.grammar_masks = BatchMasks(self.spec.vocab_size)
         self.kv_info = self._plan_kv_cache()
-        self.kv_cache = torch.zeros(
+        self.kv_cache_file: str | None = None  # in config.kv_cache_shared_dir, when there
+        self.kv_cache = self._allocate_kv_cache(
             (self.spec.num_layers, 2, self.kv_info.num_blocks, config.block_size,
-             self.spec.num_kv_heads, self.spec.head_dim),
-            dtype=self.kv_dtype, device=self.device)
+             self.spec.num_kv_heads, self.spec.head_dim))
         self.layer_caches = list(self.kv_cache.unbind(0))
         self.decode_graphs = None
         if config.use_cuda_graphs:
@@ -87,7 +94,9 @@ class ModelRunner:
     @torch.inference_mode()
     def _load_model(self, source: ModelSource) -> LlamaForCausalLM:
         torch.manual_seed(self.config.seed)
-        with torch.device(self.device):
+        # Made in the target dtype: made in float32 and cast, an 8B model held 48 GB at its
+        # peak and left 32 GB cached, so two workers sharing a GPU ran out of memory.
+        with torch.device(self.device), _default_dtype(self.dtype):
             model = LlamaForCausalLM(self.spec, self.config.use_triton).to(self.dtype)
         if self.config.load_format == "dummy":
             init_dummy_weights(model, self.config.seed)
@@ -97,6 +106,18 @@ class ModelRunner:
             model.pack_for_cpu()
             paged_decode_attention_op()  # compile (once per machine) before the first step
         return model.eval()
+
+    def _allocate_kv_cache(self, shape: tuple[int, ...]) -> torch.Tensor:
+        folder = self.config.kv_cache_shared_dir
+        if folder and self.device.type == "cpu":
+            num_bytes = self.kv_info.num_blocks * self.kv_info.block_bytes
+            try:  # zeroed by fallocate, like torch.zeros
+                self.kv_cache_file, data = SharedMemoryFolder(folder).create_cache(num_bytes)
+                return data.view(self.kv_dtype).view(shape)
+            except OSError as exc:
+                logger.warning("KV cache kept in private memory, not in %s (%s): no shm KV "
+                               "transport into this worker", folder, exc)
+        return torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
 
     def _block_bytes(self) -> int:
         spec = self.spec
@@ -181,6 +202,8 @@ class ModelRunner:
             hidden = hidden[to_device(logit_rows, torch.long, self.device)]
         logits = self.model.compute_logits(hidden)
         self._mask_stops_before_min_tokens(logits, sampling_seqs)
+        grammars = [s.grammar for s in sampling_seqs]
+        self.grammar_masks.apply(logits, grammars)  # host work while the device computes
         sampling = SamplingMetadata.build(
             [s.params for s in sampling_seqs],
             [s.prompt_token_ids for s in sampling_seqs],
@@ -191,7 +214,8 @@ class ModelRunner:
         return StepResult(sampling_seqs, out, HostCopy([out.sampled_token_ids, out.sampled_logprobs,
                                                    out.top_logprob_ids, out.top_logprobs]),
                           {seq: row for row, seq in enumerate(sampling_seqs)},
-                          counts_output_tokens=sampling.output_token_ids is not None)
+                          needs_host_tokens=sampling.output_token_ids is not None or
+                          any(g is not None for g in grammars))
 
     def _forward(self, seqs, num_new, input_ids, positions, context_lens, patch) -> torch.Tensor:
         block_tables = [s.block_table for s in seqs]
@@ -221,10 +245,15 @@ class ModelRunner:
             logits[to_device(rows, torch.long, self.device),
                    to_device(cols, torch.long, self.device)] = float("-inf")
 
-    def read_blocks(self, block_ids: list[int]) -> HostCopy:
+    def read_blocks(self, block_ids: list[int], out: torch.Tensor | None = None) -> HostCopy:
         """Starts copying blocks out, as [n, layers, 2, block_size, kv_heads, head_dim] on the
         host (pinned). The copy is queued behind the steps already launched and before any
-        later one, so the blocks may be freed and reused as soon as this returns."""
+        later one, so the blocks may be freed and reused as soon as this returns. On CPU, `out`
+        receives the blocks directly, one copy per block (KVExport.wait fills it on CUDA)."""
+        if out is not None and self.device.type == "cpu":
+            for i, block_id in enumerate(block_ids):
+                out[i].copy_(self.kv_cache[:, :, block_id])
+            return HostCopy([out])
         index = to_device(block_ids, torch.long, self.device)
         return HostCopy([self.kv_cache.index_select(2, index).movedim(2, 0).contiguous()])
 
@@ -238,3 +267,13 @@ class ModelRunner:
         else:
             self.kv_cache.index_copy_(2, index, blocks)
 
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

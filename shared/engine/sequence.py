@@ -1,4 +1,4 @@
-"""A request's state inside the engine, counted in tokens (STYLE.md, habit 6).
+"""A request's state inside the engine, counted in tokens, not in phases.
 
 `num_computed_tokens` tokens of the sequence have KV in `block_table`. A prefill chunk, a prefix
 hit, an imported KV prefix and a decode step all just advance it; when it reaches num_tokens the
@@ -59,6 +59,12 @@ class Sequence:
     num_preemptions: int = 0
     num_pending_tokens: int = 0  # sampled on the device, not yet appended (async scheduling)
     max_num_tokens: int | None = None  # prompt + max_tokens within the context (engine sets it)
+    # Where its prompt's KV goes as it is computed (a prefill worker's transfer): the engine
+    # calls kv_sink.on_computed(kv_cache, block_table, num_computed, num_prompt_tokens) after
+    # every step that advanced it (pagewire.kv_transport.mapped_cache.BlockStreamer).
+    kv_sink: object | None = None
+    # Its place in its structured-output grammar (pagewire.structured_output), when it has one
+    grammar: object | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -24,25 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pagewire/v1/common.proto\x12\x0bpagewire.v1\"\xb8\x02\n\x0fSamplingOptions\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x12\n\nmax_tokens\x18\t \x01(\r\x12\x12\n\nmin_tokens\x18\n \x01(\r\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"F\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12$\n\x03top\x18\x02 \x03(\x0b\x32\x17.pagewire.v1.TopLogprob\"\x8e\x02\n\nTokenBatch\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12,\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1a.pagewire.v1.TokenLogprobs\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.pagewire.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x19\n\x11kv_transfer_bytes\x18\x07 \x01(\x04\x12\x16\n\x0ekv_transfer_ms\x18\x08 \x01(\rB\x10\n\x0e_stop_token_id\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pagewire/v1/common.proto\x12\x0bpagewire.v1\"\xeb\x02\n\x0fSamplingOptions\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x12\n\nmax_tokens\x18\t \x01(\r\x12\x12\n\nmin_tokens\x18\n \x01(\r\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\x01\x88\x01\x01\x12\x31\n\nstructured\x18\x0e \x01(\x0b\x32\x1d.pagewire.v1.StructuredOutputB\x07\n\x05_seedB\x0b\n\t_logprobs\".\n\x10StructuredOutput\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"F\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12$\n\x03top\x18\x02 \x03(\x0b\x32\x17.pagewire.v1.TopLogprob\"\xc4\x02\n\nTokenBatch\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12,\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1a.pagewire.v1.TokenLogprobs\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.pagewire.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x19\n\x11kv_transfer_bytes\x18\x07 \x01(\x04\x12\x16\n\x0ekv_transfer_us\x18\t \x01(\x04\x12\x14\n\x0ckv_transport\x18\n \x01(\t\x12\x18\n\x10prefill_decision\x18\x0b \x01(\tB\x10\n\x0e_stop_token_idJ\x04\x08\x08\x10\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagewire.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=818
-  _globals['_FINISHREASON']._serialized_end=938
+  _globals['_FINISHREASON']._serialized_start=971
+  _globals['_FINISHREASON']._serialized_end=1091
   _globals['_SAMPLINGOPTIONS']._serialized_start=42
-  _globals['_SAMPLINGOPTIONS']._serialized_end=354
-  _globals['_TOPLOGPROB']._serialized_start=356
-  _globals['_TOPLOGPROB']._serialized_end=403
-  _globals['_TOKENLOGPROBS']._serialized_start=405
-  _globals['_TOKENLOGPROBS']._serialized_end=475
-  _globals['_TOKENBATCH']._serialized_start=478
-  _globals['_TOKENBATCH']._serialized_end=748
-  _globals['_ABORTREQUEST']._serialized_start=750
-  _globals['_ABORTREQUEST']._serialized_end=784
-  _globals['_ABORTRESPONSE']._serialized_start=786
-  _globals['_ABORTRESPONSE']._serialized_end=816
+  _globals['_SAMPLINGOPTIONS']._serialized_end=405
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=407
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=453
+  _globals['_TOPLOGPROB']._serialized_start=455
+  _globals['_TOPLOGPROB']._serialized_end=502
+  _globals['_TOKENLOGPROBS']._serialized_start=504
+  _globals['_TOKENLOGPROBS']._serialized_end=574
+  _globals['_TOKENBATCH']._serialized_start=577
+  _globals['_TOKENBATCH']._serialized_end=901
+  _globals['_ABORTREQUEST']._serialized_start=903
+  _globals['_ABORTREQUEST']._serialized_end=937
+  _globals['_ABORTRESPONSE']._serialized_start=939
+  _globals['_ABORTRESPONSE']._serialized_end=969
 # @@protoc_insertion_point(module_scope)

@@ -24,7 +24,7 @@ class ClusterRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("id", "role", "address", "running", "waiting", "kv_blocks_free", "kv_blocks_total", "served")
+    __slots__ = ("id", "role", "address", "running", "waiting", "kv_blocks_free", "kv_blocks_total", "served", "prefill_tokens_per_s", "device", "kv_transports")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,9 @@ class WorkerStatus(_message.Message):
     KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     SERVED_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: str
     address: str
@@ -41,12 +44,40 @@ class WorkerStatus(_message.Message):
     kv_blocks_free: int
     kv_blocks_total: int
     served: int
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., served: _Optional[int] = ...) -> None: ...
+    prefill_tokens_per_s: float
+    device: str
+    kv_transports: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., served: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., device: _Optional[str] = ..., kv_transports: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class KVLink(_message.Message):
+    __slots__ = ("prefill_id", "decode_id", "transport", "bytes_per_s", "transfers")
+    PREFILL_ID_FIELD_NUMBER: _ClassVar[int]
+    DECODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    prefill_id: str
+    decode_id: str
+    transport: str
+    bytes_per_s: float
+    transfers: int
+    def __init__(self, prefill_id: _Optional[str] = ..., decode_id: _Optional[str] = ..., transport: _Optional[str] = ..., bytes_per_s: _Optional[float] = ..., transfers: _Optional[int] = ...) -> None: ...
 
 class ClusterInfo(_message.Message):
-    __slots__ = ("workers", "prefix_index_available")
+    __slots__ = ("workers", "prefix_index_available", "links", "prefill_decisions")
+    class PrefillDecisionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_INDEX_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_DECISIONS_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     prefix_index_available: bool
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., prefix_index_available: _Optional[bool] = ...) -> None: ...
+    links: _containers.RepeatedCompositeFieldContainer[KVLink]
+    prefill_decisions: _containers.ScalarMap[str, int]
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., prefix_index_available: _Optional[bool] = ..., links: _Optional[_Iterable[_Union[KVLink, _Mapping]]] = ..., prefill_decisions: _Optional[_Mapping[str, int]] = ...) -> None: ...

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpagewire/v1/tokenizer.proto\x12\x0bpagewire.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.pagewire.v1.ChatMessage\"\x90\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x19.pagewire.v1.ChatMessagesH\x00\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x04 \x01(\x08\x42\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"m\n\x11\x44\x65tokenizeRequest\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\r\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0e\n\x06\x66inish\x18\x04 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"&\n\x11TokenBytesRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\")\n\x12TokenBytesResponse\x12\x13\n\x0btoken_bytes\x18\x01 \x03(\x0c\"\x12\n\x10ModelInfoRequest\"\x90\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x19\n\x11has_chat_template\x18\x05 \x01(\x08\x12\x17\n\x0fmax_token_bytes\x18\x06 \x01(\r2\xbd\x02\n\tTokenizer\x12G\n\x08Tokenize\x12\x1c.pagewire.v1.TokenizeRequest\x1a\x1d.pagewire.v1.TokenizeResponse\x12Q\n\nDetokenize\x12\x1e.pagewire.v1.DetokenizeRequest\x1a\x1f.pagewire.v1.DetokenizeResponse(\x01\x30\x01\x12M\n\nTokenBytes\x12\x1e.pagewire.v1.TokenBytesRequest\x1a\x1f.pagewire.v1.TokenBytesResponse\x12\x45\n\x0cGetModelInfo\x12\x1d.pagewire.v1.ModelInfoRequest\x1a\x16.pagewire.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpagewire/v1/tokenizer.proto\x12\x0bpagewire.v1\"i\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x05 \x01(\t\"N\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.pagewire.v1.ChatMessage\x12\x12\n\ntools_json\x18\x02 \x01(\t\"\x90\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x19.pagewire.v1.ChatMessagesH\x00\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x04 \x01(\x08\x42\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"m\n\x11\x44\x65tokenizeRequest\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\r\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0e\n\x06\x66inish\x18\x04 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"&\n\x11TokenBytesRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\")\n\x12TokenBytesResponse\x12\x13\n\x0btoken_bytes\x18\x01 \x03(\x0c\"\x12\n\x10ModelInfoRequest\"\x90\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x19\n\x11has_chat_template\x18\x05 \x01(\x08\x12\x17\n\x0fmax_token_bytes\x18\x06 \x01(\r2\xbd\x02\n\tTokenizer\x12G\n\x08Tokenize\x12\x1c.pagewire.v1.TokenizeRequest\x1a\x1d.pagewire.v1.TokenizeResponse\x12Q\n\nDetokenize\x12\x1e.pagewire.v1.DetokenizeRequest\x1a\x1f.pagewire.v1.DetokenizeResponse(\x01\x30\x01\x12M\n\nTokenBytes\x12\x1e.pagewire.v1.TokenBytesRequest\x1a\x1f.pagewire.v1.TokenBytesResponse\x12\x45\n\x0cGetModelInfo\x12\x1d.pagewire.v1.ModelInfoRequest\x1a\x16.pagewire.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,25 +32,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagewire.v1.tokenizer_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CHATMESSAGE']._serialized_start=44
-  _globals['_CHATMESSAGE']._serialized_end=88
-  _globals['_CHATMESSAGES']._serialized_start=90
-  _globals['_CHATMESSAGES']._serialized_end=148
-  _globals['_TOKENIZEREQUEST']._serialized_start=151
-  _globals['_TOKENIZEREQUEST']._serialized_end=295
-  _globals['_TOKENIZERESPONSE']._serialized_start=297
-  _globals['_TOKENIZERESPONSE']._serialized_end=334
-  _globals['_DETOKENIZEREQUEST']._serialized_start=336
-  _globals['_DETOKENIZEREQUEST']._serialized_end=445
-  _globals['_DETOKENIZERESPONSE']._serialized_start=447
-  _globals['_DETOKENIZERESPONSE']._serialized_end=481
-  _globals['_TOKENBYTESREQUEST']._serialized_start=483
-  _globals['_TOKENBYTESREQUEST']._serialized_end=521
-  _globals['_TOKENBYTESRESPONSE']._serialized_start=523
-  _globals['_TOKENBYTESRESPONSE']._serialized_end=564
-  _globals['_MODELINFOREQUEST']._serialized_start=566
-  _globals['_MODELINFOREQUEST']._serialized_end=584
-  _globals['_MODELINFO']._serialized_start=587
-  _globals['_MODELINFO']._serialized_end=731
-  _globals['_TOKENIZER']._serialized_start=734
-  _globals['_TOKENIZER']._serialized_end=1051
+  _globals['_CHATMESSAGE']._serialized_end=149
+  _globals['_CHATMESSAGES']._serialized_start=151
+  _globals['_CHATMESSAGES']._serialized_end=229
+  _globals['_TOKENIZEREQUEST']._serialized_start=232
+  _globals['_TOKENIZEREQUEST']._serialized_end=376
+  _globals['_TOKENIZERESPONSE']._serialized_start=378
+  _globals['_TOKENIZERESPONSE']._serialized_end=415
+  _globals['_DETOKENIZEREQUEST']._serialized_start=417
+  _globals['_DETOKENIZEREQUEST']._serialized_end=526
+  _globals['_DETOKENIZERESPONSE']._serialized_start=528
+  _globals['_DETOKENIZERESPONSE']._serialized_end=562
+  _globals['_TOKENBYTESREQUEST']._serialized_start=564
+  _globals['_TOKENBYTESREQUEST']._serialized_end=602
+  _globals['_TOKENBYTESRESPONSE']._serialized_start=604
+  _globals['_TOKENBYTESRESPONSE']._serialized_end=645
+  _globals['_MODELINFOREQUEST']._serialized_start=647
+  _globals['_MODELINFOREQUEST']._serialized_end=665
+  _globals['_MODELINFO']._serialized_start=668
+  _globals['_MODELINFO']._serialized_end=812
+  _globals['_TOKENIZER']._serialized_start=815
+  _globals['_TOKENIZER']._serialized_end=1132
 # @@protoc_insertion_point(module_scope)

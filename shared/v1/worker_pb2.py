@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pagewire.v1 import common_pb2 as pagewire_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pagewire/v1/worker.proto\x12\x0bpagewire.v1\x1a\x18pagewire/v1/common.proto\"\xb6\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.pagewire.v1.SamplingOptions\x12\x1d\n\x15\x64\x65\x63ode_worker_address\x18\x04 \x01(\t\x12\x13\n\x0bskip_blocks\x18\x05 \x01(\r\x12\x12\n\ntimeout_ms\x18\x06 \x01(\r\"\x9e\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x32\n\x0e\x66irst_logprobs\x18\x02 \x01(\x0b\x32\x1a.pagewire.v1.TokenLogprobs\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\x12\x16\n\x0ekv_transfer_ms\x18\x05 \x01(\r\"\x8a\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.pagewire.v1.SamplingOptions\x12\x1b\n\x13transfer_timeout_ms\x18\x04 \x01(\r\"o\n\x0e\x44\x65\x63odeResponse\x12)\n\x08reserved\x18\x01 \x01(\x0b\x32\x15.pagewire.v1.ReservedH\x00\x12)\n\x06tokens\x18\x02 \x01(\x0b\x32\x17.pagewire.v1.TokenBatchH\x00\x42\x07\n\x05\x65vent\"3\n\x08Reserved\x12\x13\n\x0bskip_blocks\x18\x01 \x01(\r\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\"c\n\x07KVChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.pagewire.v1.KVHeaderH\x00\x12\'\n\x06\x62locks\x18\x02 \x01(\x0b\x32\x15.pagewire.v1.KVBlocksH\x00\x42\x06\n\x04part\"\xac\x02\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\r\x12\x10\n\x08head_dim\x18\x07 \x01(\r\x12\x12\n\nnum_tokens\x18\x08 \x01(\r\x12\x13\n\x0bskip_blocks\x18\t \x01(\r\x12\x12\n\nnum_blocks\x18\n \x01(\r\x12\x16\n\x0e\x66irst_token_id\x18\x0b \x01(\r\x12\x32\n\x0e\x66irst_logprobs\x18\x0c \x01(\x0b\x32\x1a.pagewire.v1.TokenLogprobs\x12\x15\n\rcached_tokens\x18\r \x01(\r\"-\n\x08KVBlocks\x12\x13\n\x0b\x66irst_block\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"$\n\x0ePushKVResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\"o\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.pagewire.v1.SamplingOptions\"\x0e\n\x0cStatsRequest\"\xac\x01\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\r\x12\x0e\n\x06served\x18\x07 \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x08 \x01(\x04\x32\x98\x03\n\x06Worker\x12\x44\n\x07Prefill\x12\x1b.pagewire.v1.PrefillRequest\x1a\x1c.pagewire.v1.PrefillResponse\x12\x43\n\x06\x44\x65\x63ode\x12\x1a.pagewire.v1.DecodeRequest\x1a\x1b.pagewire.v1.DecodeResponse0\x01\x12=\n\x06PushKV\x12\x14.pagewire.v1.KVChunk\x1a\x1b.pagewire.v1.PushKVResponse(\x01\x12\x43\n\x08Generate\x12\x1c.pagewire.v1.GenerateRequest\x1a\x17.pagewire.v1.TokenBatch0\x01\x12>\n\x05\x41\x62ort\x12\x19.pagewire.v1.AbortRequest\x1a\x1a.pagewire.v1.AbortResponse\x12?\n\x08GetStats\x12\x19.pagewire.v1.StatsRequest\x1a\x18.pagewire.v1.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pagewire/v1/worker.proto\x12\x0bpagewire.v1\x1a\x18pagewire/v1/common.proto\"\xe9\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.pagewire.v1.SamplingOptions\x12\x1d\n\x15\x64\x65\x63ode_worker_address\x18\x04 \x01(\t\x12\x13\n\x0bskip_blocks\x18\x05 \x01(\r\x12\x12\n\ntimeout_ms\x18\x06 \x01(\r\x12\x18\n\x10\x64\x65\x63ode_block_ids\x18\x07 \x03(\r\x12\x17\n\x0f\x64\x65\x63ode_cache_id\x18\x08 \x01(\t\"\xe7\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x32\n\x0e\x66irst_logprobs\x18\x02 \x01(\x0b\x32\x1a.pagewire.v1.TokenLogprobs\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\x12\x16\n\x0ekv_transfer_us\x18\x06 \x01(\x04\x12\x14\n\x0ckv_transport\x18\x07 \x01(\t\x12\x12\n\nprefill_us\x18\x08 \x01(\x04\x12\x17\n\x0f\x63omputed_tokens\x18\t \x01(\rJ\x04\x08\x05\x10\x06\"\x8a\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.pagewire.v1.SamplingOptions\x12\x1b\n\x13transfer_timeout_ms\x18\x04 \x01(\r\"o\n\x0e\x44\x65\x63odeResponse\x12)\n\x08reserved\x18\x01 \x01(\x0b\x32\x15.pagewire.v1.ReservedH\x00\x12)\n\x06tokens\x18\x02 \x01(\x0b\x32\x17.pagewire.v1.TokenBatchH\x00\x42\x07\n\x05\x65vent\"X\n\x08Reserved\x12\x13\n\x0bskip_blocks\x18\x01 \x01(\r\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\x10\n\x08\x63\x61\x63he_id\x18\x04 \x01(\t\"\xa2\x01\n\x12KVHandshakeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\x12\n\ntransports\x18\x07 \x03(\tJ\x04\x08\x08\x10\tJ\x04\x08\t\x10\n\"\x92\x01\n\x13KVHandshakeResponse\x12\x10\n\x08\x63\x61\x63he_id\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\"\n\x03shm\x18\x04 \x01(\x0b\x32\x15.pagewire.v1.ShmOffer\x12\x17\n\x0f\x63uda_ipc_handle\x18\x05 \x01(\x0c\x12\x12\n\nnixl_offer\x18\x06 \x01(\x0cJ\x04\x08\x01\x10\x02\"\\\n\x08ShmOffer\x12\x12\n\nprobe_name\x18\x01 \x01(\t\x12\x13\n\x0bprobe_token\x18\x02 \x01(\x0c\x12\x12\n\ncache_file\x18\x03 \x01(\t\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x04 \x01(\x04\"\x8c\x01\n\x07KVChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.pagewire.v1.KVHeaderH\x00\x12\'\n\x06\x62locks\x18\x02 \x01(\x0b\x32\x15.pagewire.v1.KVBlocksH\x00\x12\'\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x15.pagewire.v1.KVCommitH\x00\x42\x06\n\x04part\"\x97\x01\n\x08KVCommit\x12\x10\n\x08kv_bytes\x18\x01 \x01(\x04\x12\x1b\n\x0e\x66irst_token_id\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x32\n\x0e\x66irst_logprobs\x18\x03 \x01(\x0b\x32\x1a.pagewire.v1.TokenLogprobs\x12\x15\n\rcached_tokens\x18\x04 \x01(\rB\x11\n\x0f_first_token_id\"\xea\x02\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\r\x12\x10\n\x08head_dim\x18\x07 \x01(\r\x12\x12\n\nnum_tokens\x18\x08 \x01(\r\x12\x13\n\x0bskip_blocks\x18\t \x01(\r\x12\x12\n\nnum_blocks\x18\n \x01(\r\x12\x16\n\x0e\x66irst_token_id\x18\x0b \x01(\r\x12\x32\n\x0e\x66irst_logprobs\x18\x0c \x01(\x0b\x32\x1a.pagewire.v1.TokenLogprobs\x12\x15\n\rcached_tokens\x18\r \x01(\r\x12\x11\n\ttransport\x18\x0e \x01(\t\x12\x11\n\tblock_ids\x18\x10 \x03(\r\x12\x10\n\x08\x63\x61\x63he_id\x18\x11 \x01(\tJ\x04\x08\x0f\x10\x10\"-\n\x08KVBlocks\x12\x13\n\x0b\x66irst_block\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"3\n\x0ePushKVResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\r\n\x05ready\x18\x02 \x01(\x08\"o\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.pagewire.v1.SamplingOptions\"\x0e\n\x0cStatsRequest\"\xac\x01\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\r\x12\x0e\n\x06served\x18\x07 \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x08 \x01(\x04\x32\xec\x03\n\x06Worker\x12\x44\n\x07Prefill\x12\x1b.pagewire.v1.PrefillRequest\x1a\x1c.pagewire.v1.PrefillResponse\x12\x43\n\x06\x44\x65\x63ode\x12\x1a.pagewire.v1.DecodeRequest\x1a\x1b.pagewire.v1.DecodeResponse0\x01\x12P\n\x0bKVHandshake\x12\x1f.pagewire.v1.KVHandshakeRequest\x1a .pagewire.v1.KVHandshakeResponse\x12?\n\x06PushKV\x12\x14.pagewire.v1.KVChunk\x1a\x1b.pagewire.v1.PushKVResponse(\x01\x30\x01\x12\x43\n\x08Generate\x12\x1c.pagewire.v1.GenerateRequest\x1a\x17.pagewire.v1.TokenBatch0\x01\x12>\n\x05\x41\x62ort\x12\x19.pagewire.v1.AbortRequest\x1a\x1a.pagewire.v1.AbortResponse\x12?\n\x08GetStats\x12\x19.pagewire.v1.StatsRequest\x1a\x18.pagewire.v1.WorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,29 +33,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagewire.v1.worker_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREFILLREQUEST']._serialized_start=68
-  _globals['_PREFILLREQUEST']._serialized_end=250
-  _globals['_PREFILLRESPONSE']._serialized_start=253
-  _globals['_PREFILLRESPONSE']._serialized_end=411
-  _globals['_DECODEREQUEST']._serialized_start=414
-  _globals['_DECODEREQUEST']._serialized_end=552
-  _globals['_DECODERESPONSE']._serialized_start=554
-  _globals['_DECODERESPONSE']._serialized_end=665
-  _globals['_RESERVED']._serialized_start=667
-  _globals['_RESERVED']._serialized_end=718
-  _globals['_KVCHUNK']._serialized_start=720
-  _globals['_KVCHUNK']._serialized_end=819
-  _globals['_KVHEADER']._serialized_start=822
-  _globals['_KVHEADER']._serialized_end=1122
-  _globals['_KVBLOCKS']._serialized_start=1124
-  _globals['_KVBLOCKS']._serialized_end=1169
-  _globals['_PUSHKVRESPONSE']._serialized_start=1171
-  _globals['_PUSHKVRESPONSE']._serialized_end=1207
-  _globals['_GENERATEREQUEST']._serialized_start=1209
-  _globals['_GENERATEREQUEST']._serialized_end=1320
-  _globals['_STATSREQUEST']._serialized_start=1322
-  _globals['_STATSREQUEST']._serialized_end=1336
-  _globals['_WORKERSTATS']._serialized_start=1339
-  _globals['_WORKERSTATS']._serialized_end=1511
-  _globals['_WORKER']._serialized_start=1514
-  _globals['_WORKER']._serialized_end=1922
+  _globals['_PREFILLREQUEST']._serialized_end=301
+  _globals['_PREFILLRESPONSE']._serialized_start=304
+  _globals['_PREFILLRESPONSE']._serialized_end=535
+  _globals['_DECODEREQUEST']._serialized_start=538
+  _globals['_DECODEREQUEST']._serialized_end=676
+  _globals['_DECODERESPONSE']._serialized_start=678
+  _globals['_DECODERESPONSE']._serialized_end=789
+  _globals['_RESERVED']._serialized_start=791
+  _globals['_RESERVED']._serialized_end=879
+  _globals['_KVHANDSHAKEREQUEST']._serialized_start=882
+  _globals['_KVHANDSHAKEREQUEST']._serialized_end=1044
+  _globals['_KVHANDSHAKERESPONSE']._serialized_start=1047
+  _globals['_KVHANDSHAKERESPONSE']._serialized_end=1193
+  _globals['_SHMOFFER']._serialized_start=1195
+  _globals['_SHMOFFER']._serialized_end=1287
+  _globals['_KVCHUNK']._serialized_start=1290
+  _globals['_KVCHUNK']._serialized_end=1430
+  _globals['_KVCOMMIT']._serialized_start=1433
+  _globals['_KVCOMMIT']._serialized_end=1584
+  _globals['_KVHEADER']._serialized_start=1587
+  _globals['_KVHEADER']._serialized_end=1949
+  _globals['_KVBLOCKS']._serialized_start=1951
+  _globals['_KVBLOCKS']._serialized_end=1996
+  _globals['_PUSHKVRESPONSE']._serialized_start=1998
+  _globals['_PUSHKVRESPONSE']._serialized_end=2049
+  _globals['_GENERATEREQUEST']._serialized_start=2051
+  _globals['_GENERATEREQUEST']._serialized_end=2162
+  _globals['_STATSREQUEST']._serialized_start=2164
+  _globals['_STATSREQUEST']._serialized_end=2178
+  _globals['_WORKERSTATS']._serialized_start=2181
+  _globals['_WORKERSTATS']._serialized_end=2353
+  _globals['_WORKER']._serialized_start=2356
+  _globals['_WORKER']._serialized_end=2848
 # @@protoc_insertion_point(module_scope)

@@ -45,7 +45,12 @@ class WorkerStub:
                 request_serializer=pagewire_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=pagewire_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
                 _registered_method=True)
-        self.PushKV = channel.stream_unary(
+        self.KVHandshake = channel.unary_unary(
+                '/pagewire.v1.Worker/KVHandshake',
+                request_serializer=pagewire_dot_v1_dot_worker__pb2.KVHandshakeRequest.SerializeToString,
+                response_deserializer=pagewire_dot_v1_dot_worker__pb2.KVHandshakeResponse.FromString,
+                _registered_method=True)
+        self.PushKV = channel.stream_stream(
                 '/pagewire.v1.Worker/PushKV',
                 request_serializer=pagewire_dot_v1_dot_worker__pb2.KVChunk.SerializeToString,
                 response_deserializer=pagewire_dot_v1_dot_worker__pb2.PushKVResponse.FromString,
@@ -84,8 +89,19 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def KVHandshake(self, request, context):
+        """Prefill worker -> decode worker, once per pair: refuses another cache layout
+        (INVALID_ARGUMENT) and offers the KV transports this worker can receive on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PushKV(self, request_iterator, context):
-        """Prefill worker -> decode worker: one request's KV blocks, header first, then blocks.
+        """Prefill worker -> decode worker: one request's KV. The header first; the decode worker
+        answers `ready` once it is accepted. Over "grpc" the blocks follow as messages; the other
+        transports write them into the reserved blocks after `ready` and send `commit` when every
+        byte has landed. The last answer counts the blocks taken.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,7 +141,12 @@ def add_WorkerServicer_to_server(servicer, server):
                     request_deserializer=pagewire_dot_v1_dot_worker__pb2.DecodeRequest.FromString,
                     response_serializer=pagewire_dot_v1_dot_worker__pb2.DecodeResponse.SerializeToString,
             ),
-            'PushKV': grpc.stream_unary_rpc_method_handler(
+            'KVHandshake': grpc.unary_unary_rpc_method_handler(
+                    servicer.KVHandshake,
+                    request_deserializer=pagewire_dot_v1_dot_worker__pb2.KVHandshakeRequest.FromString,
+                    response_serializer=pagewire_dot_v1_dot_worker__pb2.KVHandshakeResponse.SerializeToString,
+            ),
+            'PushKV': grpc.stream_stream_rpc_method_handler(
                     servicer.PushKV,
                     request_deserializer=pagewire_dot_v1_dot_worker__pb2.KVChunk.FromString,
                     response_serializer=pagewire_dot_v1_dot_worker__pb2.PushKVResponse.SerializeToString,
@@ -211,6 +232,33 @@ class Worker:
             _registered_method=True)
 
     @staticmethod
+    def KVHandshake(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagewire.v1.Worker/KVHandshake',
+            pagewire_dot_v1_dot_worker__pb2.KVHandshakeRequest.SerializeToString,
+            pagewire_dot_v1_dot_worker__pb2.KVHandshakeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def PushKV(request_iterator,
             target,
             options=(),
@@ -221,7 +269,7 @@ class Worker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_unary(
+        return grpc.experimental.stream_stream(
             request_iterator,
             target,
             '/pagewire.v1.Worker/PushKV',

@@ -21,6 +21,8 @@ import httpx
 import pytest
 
 from pagewire.import_roots import pagewire_argv
+from pagewire.kv_transport import KV_TRANSPORTS
+from pagewire.kv_transport.nixl_agent import nixl_available
 from tests.deploy.compose_file import environment_of, load_compose
 from tests.deploy.netns import Host, NamespacesUnavailable, Network
 
@@ -60,10 +62,21 @@ class Cluster:
         return f"http://{self.host_of('gateway').address}:{str(mapping).rsplit(':', 1)[1]}"
 
     def child_env(self, service: str) -> dict[str, str]:
-        """This machine's environment, less PAGEWIRE_* and proxies, plus compose's."""
+        """This machine's environment, less PAGEWIRE_* and proxies, plus compose's, plus what
+        hosts of their own would not share: namespaces share this machine's /dev/shm and its
+        processes' memory, and workers that can reach each other's rightly take the shared-
+        memory KV transport, or let UCX (under NIXL) copy across processes. Each host gets a
+        shared-memory folder of its own, and UCX is held to TCP. Compose's containers offer
+        only gRPC (they share no /dev/shm and their image has no NIXL); these hosts offer every
+        transport, as hosts with the `nixl` extra do, so the pair picks the one that crosses
+        hosts."""
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("PAGEWIRE_") and "proxy" not in k.lower()}
-        return {**env, "PYTHONUNBUFFERED": "1", **environment_of(SERVICES[service])}
+        shm_dir = self.logs / "shm" / self.host_of(service).name
+        shm_dir.mkdir(parents=True, exist_ok=True)
+        return {**env, "PYTHONUNBUFFERED": "1", **environment_of(SERVICES[service]),
+                "PAGEWIRE_SHM_DIR": str(shm_dir), "UCX_TLS": "tcp",
+                "PAGEWIRE_KV_TRANSPORTS": ",".join(KV_TRANSPORTS)}
 
     def launch(self, service: str) -> None:
         command = list(SERVICES[service]["command"])
@@ -146,10 +159,11 @@ def complete(cluster: Cluster, max_tokens: int, timeout: float = 60) -> httpx.Re
                             "temperature": 0})
 
 
-def kv_bytes_sent(cluster: Cluster) -> float:
+def kv_bytes_sent(cluster: Cluster, transport: str = "") -> float:
     text = cluster.get("/metrics").text
     return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith("pagewire:kv_transfer_bytes_total"))
+               if line.startswith("pagewire:kv_transfer_bytes_total")
+               and f'transport="{transport}' in line)
 
 
 def test_each_host_announces_its_own_address(cluster):
@@ -171,6 +185,9 @@ def test_a_request_crosses_the_hosts_and_its_kv_the_decode_cable(cluster):
     assert body["usage"]["completion_tokens"] == 8 and body["choices"][0]["text"]
     kv_bytes = kv_bytes_sent(cluster) - kv_before
     assert kv_bytes > 0, "the router reported no KV transfer"
+    # Across hosts: NIXL where it is installed (as in CI), else gRPC bytes.
+    transport = "nixl" if nixl_available() else "grpc"
+    assert kv_bytes_sent(cluster, transport) == kv_bytes_sent(cluster), transport
     # The KV went from the prefill host to the decode host over the bridge, not over loopback.
     assert cluster.network.tx_bytes(decode) - cable_before >= kv_bytes
     deadline = time.monotonic() + 5  # heartbeats (every second) carry the counts

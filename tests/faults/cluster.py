@@ -19,10 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 import redis
 
 from pagewire import launcher
 from pagewire.import_roots import pagewire_argv
+from pagewire.kv_transport.nixl_agent import nixl_available
 from tests.integration.redis_helpers import REDIS_URL, delete_namespace
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -40,6 +42,19 @@ def wait_for(condition: Callable[[], object], timeout_s: float, what: str,
         assert time.monotonic() < deadline, f"{what} (after {timeout_s:.0f} s)"
         time.sleep(interval_s)
     return value
+
+
+# Every KV transport that runs on this machine's CPU: the fault tests that move KV run on each.
+TRANSPORTS = ["shm", "grpc", pytest.param("nixl", marks=pytest.mark.skipif(
+    not nixl_available(), reason="nixl is not installed"))]
+
+
+def kv_bytes_by_transport(base_url: str) -> dict[str, float]:
+    """The gateway's pagewire:kv_transfer_bytes_total, per transport."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    return {line.split('transport="')[1].split('"')[0]: float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("pagewire:kv_transfer_bytes_total{")}
 
 
 def cluster_workers(base_url: str) -> list[dict]:
@@ -149,8 +164,18 @@ class ProcessCluster:
                     self._wait_ready(service)
             self._spawn(self["gateway"])
             self._wait_ready(self["gateway"])
-            wait_for(lambda: len(cluster_workers(self.base)) == len(self.workers), 30,
-                     "the workers never all registered")
+            listed: list[dict] = []
+
+            def all_registered() -> bool:
+                nonlocal listed
+                listed = cluster_workers(self.base)
+                return len(listed) == len(self.workers)
+            try:
+                wait_for(all_registered, 60, "the workers never all registered")
+            except AssertionError as exc:
+                tails = "\n".join(f"--- {w.name}\n{w.log()[-1500:]}" for w in self.workers)
+                raise AssertionError(f"{exc}: /cluster lists {[w['id'] for w in listed]}"
+                                     f"\n{tails}") from None
         except BaseException:
             self.stop()
             raise

@@ -14,17 +14,21 @@ import pytest
 
 from tests.faults.cluster import (
     MODEL,
+    TRANSPORTS,
     ProcessCluster,
     Service,
     assert_no_kv_leaked,
     cluster_workers,
+    kv_bytes_by_transport,
     wait_for,
 )
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    cluster = ProcessCluster(tmp_path, prefill=1, decode=2)
+@pytest.fixture(params=TRANSPORTS)
+def cluster(tmp_path, request):
+    cluster = ProcessCluster(tmp_path, prefill=1, decode=2,
+                             worker_env={"PAGEWIRE_KV_TRANSPORTS": request.param})
+    cluster.transport = request.param
     yield cluster.start()
     cluster.stop()
 
@@ -83,3 +87,6 @@ def test_decode_worker_killed_mid_stream_fails_fast_and_rejoins_when_restarted(c
         return served_by(cluster, victim) > 0
     wait_for(takes_traffic, 45, "the restarted decode worker took no traffic", interval_s=0.5)
     assert_no_kv_leaked(cluster.base)
+    # The restarted worker has a new cache: the prefill worker shook hands again before it
+    # wrote a byte into it, and went on with the same transport.
+    assert set(kv_bytes_by_transport(cluster.base)) == {cluster.transport}

@@ -20,8 +20,8 @@ import uvicorn
 
 from pagewire.config import EngineConfig
 from pagewire.engine.llm_engine import EngineStats
-from pagewire.services.gateway.app import create_app
 from pagewire.services.gateway.config import GatewayConfig
+from pagewire.services.gateway.server import uvicorn_config
 from pagewire.services.router.server import RouterConfig
 from pagewire.services.router.server import serve as serve_router
 from pagewire.services.tokenizer.config import TokenizerConfig
@@ -39,8 +39,10 @@ class Stack:
     """The whole serving pipeline in one background loop; `client()` talks to its gateway."""
 
     def __init__(self, roles: tuple[str, ...], api_key: str | None = None,
-                 routing_policy: str = "prefix", redis_url: str = REDIS_URL) -> None:
+                 routing_policy: str = "prefix", redis_url: str = REDIS_URL,
+                 router_fields: dict | None = None) -> None:
         self._routing_policy = routing_policy
+        self._router_fields = router_fields or {}
         self.redis_url = redis_url
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -61,7 +63,8 @@ class Stack:
             redis_namespace=self.namespace)) for role in self._roles]
         self.router = await serve_router(RouterConfig(port=0, redis_url=self.redis_url,
                                                       policy=self._routing_policy,
-                                                      redis_namespace=self.namespace))
+                                                      redis_namespace=self.namespace,
+                                                      **self._router_fields))
         self.gateway_config = GatewayConfig(
             port=0, tokenizer_address=f"127.0.0.1:{self.tokenizer.bound_port}",
             router_address=f"127.0.0.1:{self.router.bound_port}", api_key=self._api_key,
@@ -70,9 +73,9 @@ class Stack:
 
     async def start_gateway(self, config: GatewayConfig) -> int:
         # A request left running (its client gone) must not hold up the stack's shutdown.
-        server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=0,
-                                               log_level="warning", lifespan="on",
-                                               timeout_graceful_shutdown=2))
+        server = uvicorn.Server(uvicorn_config(config, host="127.0.0.1", port=0,
+                                              log_level="warning", lifespan="on",
+                                              timeout_graceful_shutdown=2))
         self._gateways = [*getattr(self, "_gateways", []), server]
         self._gateway_tasks = [*getattr(self, "_gateway_tasks", []),
                                asyncio.create_task(server.serve())]

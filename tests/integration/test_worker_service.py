@@ -9,46 +9,23 @@ import grpc
 import pytest
 
 from pagewire import SamplingParams
-from pagewire.config import EngineConfig
 from pagewire.services.worker.config import WorkerConfig
 from pagewire.services.worker.server import serve, stop
 from pagewire.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from tests.integration.worker_pair import ENGINE, push_kv, run_pair
+from tests.integration.worker_pair import disaggregated as pair_request
 
-ENGINE = EngineConfig(kv_cache_memory_bytes=64 << 20, max_model_len=1024, show_progress=False)
 PROMPT = "Write a short poem about the ocean at night, with stars and a lighthouse."
 GREEDY = common_pb2.SamplingOptions(temperature=0, max_tokens=16, ignore_eos=True)
 
 
 def run(coro_fn):
-    """Starts a prefill and a decode worker, runs coro_fn(prefill, decode), stops both."""
-    async def main():
-        servers = [await serve(WorkerConfig(role=role, port=0, engine=ENGINE))
-                   for role in ("prefill", "decode")]
-        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{s.bound_port}") for s in servers]
-        stubs = [worker_pb2_grpc.WorkerStub(c) for c in channels]
-        try:
-            return await coro_fn(*stubs, *[f"127.0.0.1:{s.bound_port}" for s in servers])
-        finally:
-            for channel in channels:
-                await channel.close()
-            for server in servers:
-                await stop(server, 0)
-    return asyncio.run(main())
+    """Starts a prefill and a decode worker, runs coro_fn(prefill, decode, addresses...)."""
+    return run_pair(coro_fn)
 
 
 async def disaggregated(prefill, decode, decode_addr, rid, prompt_ids, sampling=GREEDY):
-    stream = decode.Decode(worker_pb2.DecodeRequest(
-        request_id=rid, prompt_token_ids=prompt_ids, sampling=sampling,
-        transfer_timeout_ms=30000))
-    first = await stream.read()
-    assert first.HasField("reserved")
-    await prefill.Prefill(worker_pb2.PrefillRequest(
-        request_id=rid, prompt_token_ids=prompt_ids, sampling=sampling,
-        decode_worker_address=decode_addr, skip_blocks=first.reserved.skip_blocks))
-    batches = []
-    while (message := await stream.read()) != grpc.aio.EOF:  # read() and async-for can't mix
-        batches.append(message.tokens)
-    return batches
+    return (await pair_request(prefill, decode, decode_addr, rid, prompt_ids, sampling))[1]
 
 
 def free_blocks(stats):
@@ -102,12 +79,12 @@ def test_transfer_timeout_and_bad_kv_free_the_reservation(llm):
                                      num_kv_heads=3, head_dim=64, num_tokens=len(prompt_ids),
                                      num_blocks=1)
         with pytest.raises(grpc.aio.AioRpcError) as mismatch:
-            await decode.PushKV(iter([worker_pb2.KVChunk(header=header)]))
+            await push_kv(decode, [worker_pb2.KVChunk(header=header)])
         with pytest.raises(grpc.aio.AioRpcError) as decode_failed:
             await stream.read()
         with pytest.raises(grpc.aio.AioRpcError) as unknown:
-            await decode.PushKV(iter([worker_pb2.KVChunk(header=worker_pb2.KVHeader(
-                request_id="nobody"))]))
+            await push_kv(decode, [worker_pb2.KVChunk(header=worker_pb2.KVHeader(
+                request_id="nobody"))])
         # A client that disconnects mid-stream aborts its request.
         stream = decode.Generate(worker_pb2.GenerateRequest(
             request_id="gone", prompt_token_ids=prompt_ids,

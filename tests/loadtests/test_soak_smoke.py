@@ -42,7 +42,10 @@ def test_a_short_soak_of_a_healthy_stack_passes_every_check(tmp_path):
     assert counts["lost"] == 0 and counts["completed"] > 20
     modes = {r["mode"] for r in record["requests"] if r["status"] == "completed"}
     assert modes == {"stream", "non-stream"}
-    assert record["capacity"]["capacity_rps"] > 0 and record["soak_sent"] > 10
+    # Poisson arrivals at a rate set by the capacity this machine measured (2 req/s under CI
+    # load once, so 12.5 expected and 10 sent): half the expected count is a sender that works.
+    expected = record["rate_rps"] * record["windows"]["duration_s"]
+    assert record["capacity"]["capacity_rps"] > 0 and record["soak_sent"] >= max(3, expected / 2)
     assert {"prefill worker", "decode worker", "router", "gateway", "tokenizer"} <= set(
         record["memory"])
     assert all(w["kv_blocks_free"] == w["kv_blocks_total"] for w in record["final_workers"])

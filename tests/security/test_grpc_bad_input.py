@@ -204,8 +204,11 @@ WORKER_CASES = {
     "Prefill empty prompt": (lambda s: prefill(s.prefill, s.decode_address,
                                                prompt_token_ids=[]), INVALID, "empty"),
     "Prefill without decode address": (lambda s: prefill(s.prefill), INVALID, "address"),
-    "Prefill with no reservation there": (lambda s: prefill(s.prefill, s.decode_address),
-                                          grpc.StatusCode.NOT_FOUND, "no reservation"),
+    "Prefill with no reservation there": (lambda s: prefill(
+        s.prefill, s.decode_address, decode_block_ids=[0, 1, 2]), grpc.StatusCode.NOT_FOUND,
+        "no reservation"),
+    "Prefill naming fewer blocks than its prompt fills": (lambda s: prefill(
+        s.prefill, s.decode_address, decode_block_ids=[0]), INVALID, "do not hold 39 tokens"),
     "Prefill to a closed port": (lambda s: prefill(s.prefill, "127.0.0.1:1"), UNREACHABLE,
                                  "127.0.0.1:1"),
     "Prefill to a garbage address": (lambda s: prefill(s.prefill, "::not an address::"),
@@ -303,7 +306,7 @@ def test_decode_worker_refuses_malformed_kv(stubs, case):
         transfer_timeout_ms=500), timeout=TIMEOUT_S)
     assert next(waiting).HasField("reserved")
     try:
-        stubs.decode.PushKV(iter(chunks(stubs, request_id)), timeout=TIMEOUT_S)
+        list(stubs.decode.PushKV(iter(chunks(stubs, request_id)), timeout=TIMEOUT_S))
         assert push_code is ANY, f"PushKV accepted {case}"
     except grpc.RpcError as error:
         assert push_code in (ANY, error.code()), error.details()
@@ -327,8 +330,9 @@ PUSH_WITHOUT_RESERVATION = {
 @pytest.mark.parametrize("case", PUSH_WITHOUT_RESERVATION)
 def test_push_without_a_reservation_is_refused(stubs, case):
     chunks, code, fragment = PUSH_WITHOUT_RESERVATION[case]
-    assert_status(lambda: stubs.decode.PushKV(iter(chunks), timeout=TIMEOUT_S), code, fragment)
-    assert_status(lambda: stubs.prefill.PushKV(iter(chunks), timeout=TIMEOUT_S),
+    assert_status(lambda: list(stubs.decode.PushKV(iter(chunks), timeout=TIMEOUT_S)), code,
+                  fragment)
+    assert_status(lambda: list(stubs.prefill.PushKV(iter(chunks), timeout=TIMEOUT_S)),
                   FAILED_PRECONDITION, "role")
     assert_workers_serve(stubs)
 
