@@ -21,6 +21,7 @@ from . import responses
 from .errors import error_body, from_grpc
 from .generation import ChoiceEvent, UsageCounter
 from .logprobs import chat_logprobs, completion_logprobs
+from .tool_output import ToolOutput
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left: nobody reads it
 
@@ -51,11 +52,20 @@ class Answer:
     n: int
     include_usage: bool
     shape: LogprobShaper | None
+    tools: ToolOutput | None = None  # a chat whose text may hold tool calls
     usage: UsageCounter = field(default_factory=UsageCounter)
     created: int = field(default_factory=lambda: int(time.time()))
 
+    def __post_init__(self) -> None:
+        self._tool_streams = [self.tools.stream() for _ in range(self.n)] if self.tools else []
+
     def chunk(self, event: ChoiceEvent, delta: dict | None = None) -> str:
         logprobs = self.shape(event) if self.shape is not None and delta is None else None
+        if self.chat and self._tool_streams and delta is None:
+            deltas = self._tool_streams[event.index].deltas(event.text, event.finish_reason)
+            return "".join(responses.sse(responses.chat_chunk(
+                self.request_id, self.model, self.created, event.index, part, finish,
+                logprobs if i == 0 else None)) for i, (part, finish) in enumerate(deltas))
         if self.chat:
             payload = responses.chat_chunk(
                 self.request_id, self.model, self.created, event.index,
@@ -119,9 +129,18 @@ async def _collect(events: AsyncIterator[ChoiceEvent], answer: Answer) -> dict:
     shape = answer.shape
     logprobs = [None if shape is None else shape(ChoiceEvent(i, "", logprobs=tokens[i]))
                 for i in range(n)]
-    build = responses.chat_completion if answer.chat else responses.completion
-    return build(answer.request_id, answer.model, texts, finish_reasons,
-                 answer.usage.as_dict(), logprobs)
+    if not answer.chat:
+        return responses.completion(answer.request_id, answer.model, texts, finish_reasons,
+                                    answer.usage.as_dict(), logprobs)
+    messages = []
+    for i in range(n):
+        if answer.tools is None:
+            messages.append({"role": "assistant", "content": texts[i]})
+        else:
+            message, finish_reasons[i] = answer.tools.message(texts[i], finish_reasons[i])
+            messages.append(message)
+    return responses.chat_completion(answer.request_id, answer.model, messages, finish_reasons,
+                                     answer.usage.as_dict(), logprobs)
 
 
 async def stream(request: Request, events: AsyncIterator[ChoiceEvent],

@@ -7,6 +7,7 @@ never compute on tokens themselves.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from contextlib import asynccontextmanager
 
@@ -15,14 +16,24 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from pagewire.tools.calls import ToolChoice
+from pagewire.v1 import tokenizer_pb2
+
 from .answers import Answer, LogprobShaper, collect, stream
 from .backend import Backend
 from .config import GatewayConfig
+from .constraints import constraint_of, tool_choice_of
 from .errors import APIError, install_error_handlers
 from .generation import merge_choices, run_choice
 from .limits import BodySizeLimit
 from .metrics import GatewayMetrics
-from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, SamplingFields
+from .protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ErrorResponse,
+    SamplingFields,
+)
 from .requests import (
     check_limits,
     check_text_fits,
@@ -31,6 +42,7 @@ from .requests import (
     max_tokens_of,
     new_request_id,
 )
+from .tool_output import ToolOutput
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +104,14 @@ def create_app(config: GatewayConfig) -> FastAPI:
         return {"prefix_index_available": info.prefix_index_available, "workers": [
             {"id": w.id, "role": w.role, "address": w.address, "running": w.running,
              "waiting": w.waiting, "kv_blocks_free": w.kv_blocks_free,
-             "kv_blocks_total": w.kv_blocks_total, "served": w.served}
-            for w in info.workers]}
+             "kv_blocks_total": w.kv_blocks_total, "served": w.served,
+             "prefill_tokens_per_s": w.prefill_tokens_per_s, "device": w.device,
+             "kv_transports": list(w.kv_transports)}
+            for w in info.workers], "kv_links": [
+            {"prefill_id": link.prefill_id, "decode_id": link.decode_id,
+             "transport": link.transport, "bytes_per_s": link.bytes_per_s,
+             "transfers": link.transfers} for link in info.links],
+            "prefill_decisions": dict(info.prefill_decisions)}
 
     @app.post("/v1/completions", dependencies=[auth], responses=ANSWER_RESPONSES)
     async def completions(body: CompletionRequest, request: Request):
@@ -105,7 +123,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
             prompt_ids = await backend.tokenize_text(body.prompt)
         else:
             prompt_ids = _checked_token_ids(request, body.prompt)
-        return await _serve(request, body, prompt_ids, config, chat=False)
+        return await _serve(request, body, prompt_ids, config, ToolChoice("none"), chat=False)
 
     @app.post("/v1/chat/completions", dependencies=[auth], responses=ANSWER_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -114,11 +132,13 @@ def create_app(config: GatewayConfig) -> FastAPI:
         check_limits(body, config)
         if not request.app.state.model_info.has_chat_template:
             raise APIError(400, "this model has no chat template", param="messages")
-        check_text_fits(request.app.state.model_info, [m.content for m in body.messages],
+        check_text_fits(request.app.state.model_info, [m.text for m in body.messages],
                         "messages")
-        prompt_ids = await backend.tokenize_chat([(_template_role(m.role), m.content)
-                                                  for m in body.messages])
-        return await _serve(request, body, prompt_ids, config, chat=True)
+        tool_choice = tool_choice_of(body)
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+        prompt_ids = await backend.tokenize_chat([_chat_message(m) for m in body.messages],
+                                                 tools)
+        return await _serve(request, body, prompt_ids, config, tool_choice, chat=True)
 
     return app
 
@@ -140,6 +160,14 @@ def _template_role(role: str) -> str:
     return "system" if role == "developer" else role
 
 
+def _chat_message(message: ChatMessage) -> tokenizer_pb2.ChatMessage:
+    calls = [call.model_dump() for call in message.tool_calls or []]
+    return tokenizer_pb2.ChatMessage(
+        role=_template_role(message.role), content=message.text, name=message.name or "",
+        tool_call_id=message.tool_call_id or "", tool_calls_json=json.dumps(calls) if calls
+        else "")
+
+
 def _check_model(request: Request, model: str) -> None:
     served = request.app.state.model_info.model
     if model != served:
@@ -156,13 +184,15 @@ def _checked_token_ids(request: Request, token_ids: list[int]) -> list[int]:
 
 
 async def _serve(request: Request, body: SamplingFields, prompt_ids: list[int],
-                 config: GatewayConfig, chat: bool):
+                 config: GatewayConfig, tool_choice: ToolChoice, chat: bool):
     info = request.app.state.model_info
     max_tokens = max_tokens_of(body, len(prompt_ids), info.max_model_len)
     request_id = new_request_id("chatcmpl" if chat else "cmpl")
-    specs = choice_specs(body, request_id, max_tokens)
+    specs = choice_specs(body, request_id, max_tokens, constraint_of(body, tool_choice))
     shape = LogprobShaper(chat, body.n) if logprobs_of(body) is not None else None
-    answer = Answer(request_id, info.model, chat, body.n, body.include_usage, shape)
+    tools = None if tool_choice.mode == "none" else ToolOutput(tool_choice,
+                                                                config.tool_call_parser)
+    answer = Answer(request_id, info.model, chat, body.n, body.include_usage, shape, tools)
     backend, metrics = request.app.state.backend, request.app.state.metrics
     events = merge_choices([
         run_choice(backend, index, spec, prompt_ids, config.request_timeout_s, answer.usage,

@@ -6,6 +6,7 @@ Translates between Python values and protobuf messages; holds no request state o
 from __future__ import annotations
 
 import asyncio
+import json
 
 import grpc
 
@@ -42,9 +43,10 @@ class Backend:
             timeout=TOKENIZE_TIMEOUT_S)
         return list(response.token_ids)
 
-    async def tokenize_chat(self, messages: list[tuple[str, str]]) -> list[int]:
-        chat = tokenizer_pb2.ChatMessages(messages=[
-            tokenizer_pb2.ChatMessage(role=role, content=content) for role, content in messages])
+    async def tokenize_chat(self, messages: list[tokenizer_pb2.ChatMessage],
+                            tools: list[dict] | None = None) -> list[int]:
+        chat = tokenizer_pb2.ChatMessages(messages=messages,
+                                          tools_json=json.dumps(tools) if tools else "")
         response = await self.tokenizer.Tokenize(
             tokenizer_pb2.TokenizeRequest(chat=chat, add_generation_prompt=True),
             timeout=TOKENIZE_TIMEOUT_S)

@@ -23,7 +23,8 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
                 7.5, 10.0, 20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
-TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+TRANSFER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class GatewayMetrics:
@@ -54,10 +55,16 @@ class GatewayMetrics:
                                    "Prompt tokens served from a prefix cache.", registry=r)
         self.kv_transfer_bytes = Counter("pagewire:kv_transfer_bytes",
                                          "KV cache bytes pushed from prefill to decode workers.",
-                                         registry=r)
+                                         ["transport"], registry=r)
         self.kv_transfer_seconds = Histogram("pagewire:kv_transfer_seconds",
                                              "Duration of one request's KV push.",
-                                             buckets=TRANSFER_BUCKETS, registry=r)
+                                             ["transport"], buckets=TRANSFER_BUCKETS,
+                                             registry=r)
+        self.prefill_decisions = Counter(
+            "pagewire:prefill_decisions",
+            "Disaggregated requests by where the router had their prompt computed: remote "
+            "(a prefill worker, KV moved) or local (the decode worker, and why).",
+            ["decision"], registry=r)
 
     def choice(self) -> ChoiceTimer:
         return ChoiceTimer(self)
@@ -89,8 +96,11 @@ class ChoiceTimer:
             m.prefix_queries.inc(batch.prompt_tokens)
             m.prefix_hits.inc(batch.cached_tokens)
             if batch.kv_transfer_bytes:
-                m.kv_transfer_bytes.inc(batch.kv_transfer_bytes)
-                m.kv_transfer_seconds.observe(batch.kv_transfer_ms / 1000)
+                transport = batch.kv_transport or "grpc"
+                m.kv_transfer_bytes.labels(transport).inc(batch.kv_transfer_bytes)
+                m.kv_transfer_seconds.labels(transport).observe(batch.kv_transfer_us / 1e6)
+            if batch.prefill_decision:
+                m.prefill_decisions.labels(batch.prefill_decision).inc()
         else:  # a step may carry several tokens: each gets its share of the gap
             for _ in range(count):
                 m.tpot.observe((now - self._last) / count)
@@ -138,8 +148,22 @@ class _ClusterCollector:
             families["usage"].add_metric(key, used / w.kv_blocks_total if w.kv_blocks_total else 0)
             families["free"].add_metric(key, w.kv_blocks_free)
             families["total"].add_metric(key, w.kv_blocks_total)
+        speed = GaugeMetricFamily("pagewire:prefill_tokens_per_second",
+                                  "Prefill speed the router measured, per worker.",
+                                  labels=labels)
+        for w in self._cluster.workers:
+            if w.prefill_tokens_per_s:
+                speed.add_metric([w.id, w.role], w.prefill_tokens_per_s)
+        link = GaugeMetricFamily("pagewire:kv_link_bytes_per_second",
+                                 "KV transfer bandwidth the router measured, per pair.",
+                                 labels=["prefill_id", "decode_id", "transport"])
+        for pair in self._cluster.links:
+            link.add_metric([pair.prefill_id, pair.decode_id, pair.transport],
+                            pair.bytes_per_s)
         index = GaugeMetricFamily("pagewire:prefix_index_available",
                                   "1 while the router reaches the Redis prefix index.")
         index.add_metric([], 1 if self._cluster.prefix_index_available else 0)
         yield from families.values()
+        yield speed
+        yield link
         yield index

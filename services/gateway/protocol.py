@@ -21,6 +21,7 @@ from pydantic import (
     StrictBool,
     StrictStr,
     Tag,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -83,6 +84,32 @@ class StreamOptions(_Strict):
     include_usage: StrictBool = False
 
 
+class JsonSchemaSpec(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: NonEmptyText
+    description: Text | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's response_format: text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+class StructuredOutputsField(_Strict):
+    """vLLM's `structured_outputs` extra field: one of these."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: dict | Text | None = Field(default=None, alias="json")
+    regex: NonEmptyText | None = None
+    choice: Annotated[list[NonEmptyText], Field(min_length=1)] | None = None
+    grammar: NonEmptyText | None = None
+    json_object: StrictBool | None = None
+
+
 class SamplingFields(_Strict):
     model: Text
     max_tokens: Int | None = Field(default=None, ge=1)
@@ -100,6 +127,14 @@ class SamplingFields(_Strict):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    # vLLM's older names for structured_outputs' fields
+    guided_json: dict | Text | None = None
+    guided_regex: NonEmptyText | None = None
+    guided_choice: Annotated[list[NonEmptyText], Field(min_length=1)] | None = None
+    guided_grammar: NonEmptyText | None = None
+    guided_decoding_backend: Text | None = None  # accepted and ignored: xgrammar decides
 
     @property
     def stop_strings(self) -> list[str]:
@@ -118,10 +153,67 @@ class CompletionRequest(SamplingFields):
     echo: Annotated[Literal[False], BeforeValidator(_bool_only)] = False  # not supported
 
 
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: Text
+
+
+class FunctionCall(_Strict):
+    name: NonEmptyText
+    arguments: Text
+
+
+class ToolCallParam(_Strict):
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Text
+    content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCallParam] | None = None  # an assistant's earlier calls
+    tool_call_id: Text | None = None  # a tool message: the call it answers
+
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise PydanticCustomError("missing", "content is required (an assistant message may "
+                                      "have tool_calls instead)")
+        return self
+
+    @property
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+class FunctionDef(_Strict):
+    name: Annotated[StrictStr, Field(pattern=FUNCTION_NAME)]
+    description: Text | None = None
+    parameters: dict | None = None
+    strict: StrictBool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: Annotated[StrictStr, Field(pattern=FUNCTION_NAME)]
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -129,6 +221,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Int | None = Field(default=None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
 
 
 class ErrorDetail(BaseModel):

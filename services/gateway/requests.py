@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import uuid
 
+from pagewire.sampling.structured import StructuredOutputsParams
 from pagewire.v1 import common_pb2
 
 from .config import GatewayConfig
+from .constraints import to_proto
 from .errors import bad_request
 from .generation import ChoiceSpec
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -79,7 +81,8 @@ def logprobs_of(request: SamplingFields) -> int | None:
     return (request.top_logprobs or 0) if request.logprobs else None
 
 
-def choice_specs(request: SamplingFields, request_id: str, max_tokens: int) -> list[ChoiceSpec]:
+def choice_specs(request: SamplingFields, request_id: str, max_tokens: int,
+                 constraint: StructuredOutputsParams | None = None) -> list[ChoiceSpec]:
     logprobs = logprobs_of(request)
     specs = []
     for index in range(request.n):
@@ -98,5 +101,7 @@ def choice_specs(request: SamplingFields, request_id: str, max_tokens: int) -> l
             sampling.seed = request.seed + index
         if logprobs is not None:
             sampling.logprobs = logprobs
+        if constraint is not None:
+            sampling.structured.CopyFrom(to_proto(constraint))
         specs.append(ChoiceSpec(f"{request_id}-{index}", sampling, tuple(request.stop_strings)))
     return specs

@@ -20,14 +20,13 @@ def completion(request_id: str, model: str, texts: list[str], finish_reasons: li
                          "logprobs": logprobs[i]} for i, text in enumerate(texts)]}
 
 
-def chat_completion(request_id: str, model: str, texts: list[str],
+def chat_completion(request_id: str, model: str, messages: list[dict],
                     finish_reasons: list[str | None], usage: dict,
                     logprobs: list[dict | None]) -> dict:
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
             "model": model, "usage": usage,
             "choices": [{"index": i, "finish_reason": finish_reasons[i], "logprobs": logprobs[i],
-                         "message": {"role": "assistant", "content": text}}
-                        for i, text in enumerate(texts)]}
+                         "message": message} for i, message in enumerate(messages)]}
 
 
 def completion_chunk(request_id: str, model: str, created: int, index: int, text: str,

@@ -1,7 +1,7 @@
 """The tokenizer gRPC server: validates requests, calls pagewire.tokenizer, answers.
 
-Thin by design (STYLE.md habit 2): tokenization and incremental detokenization live in
-pagewire.tokenizer; errors map to status codes in errors.py only. Tokenization is CPU work and
+Thin by design: tokenization and incremental detokenization live in pagewire.tokenizer;
+exceptions become status codes in services/grpc_errors.py only. Tokenization is CPU work and
 runs in a thread, so a long prompt never blocks the event loop (and with it every other call).
 """
 
@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from jinja2 import TemplateError
 from transformers import AutoConfig
 
 from pagewire.model.llama import ModelSpec
@@ -26,6 +28,7 @@ from pagewire.services.tokenizer.config import TokenizerConfig
 from pagewire.tokenizer.detokenizer import IncrementalDetokenizer
 from pagewire.tokenizer.loader import eos_token_ids, load_tokenizer
 from pagewire.tokenizer.token_bytes import TokenBytes
+from pagewire.tools.render import for_template, template_knows_tools
 from pagewire.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 __all__ = ["TokenizerConfig", "TokenizerServicer", "main", "serve"]
@@ -33,6 +36,20 @@ __all__ = ["TokenizerConfig", "TokenizerServicer", "main", "serve"]
 logger = logging.getLogger(__name__)
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _json_list(text: str, field: str) -> list[dict] | None:
+    """A JSON list of objects sent as text ("" for none), checked before any template reads
+    it. The gateway validated its shape; the template reads only the keys it knows."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidRequest(f"`{field}` is not JSON: {exc}") from None
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise InvalidRequest(f"`{field}` must be a JSON list of objects")
+    return value
 INLINE_DECODE_TOKENS = 32  # a step's few new tokens decode inline; a thread hop costs more
 STOP_GRACE_S = 5.0
 T = TypeVar("T")
@@ -87,14 +104,18 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 self._tokenizer.encode, request.text, add_special_tokens=request.add_special_tokens
             )
         else:
-            messages = self._chat_messages(request.chat)
-            token_ids = await asyncio.to_thread(
-                self._tokenizer.apply_chat_template,
-                messages,
-                tokenize=True,
-                return_dict=False,
-                add_generation_prompt=request.add_generation_prompt,
-            )
+            messages, tools = self._chat_messages(request.chat)
+            try:
+                token_ids = await asyncio.to_thread(
+                    self._tokenizer.apply_chat_template,
+                    messages,
+                    tools=tools,
+                    tokenize=True,
+                    return_dict=False,
+                    add_generation_prompt=request.add_generation_prompt,
+                )
+            except TemplateError as exc:  # the template's own raise_exception(), or a bad use
+                raise InvalidRequest(f"the chat template refused the messages: {exc}") from None
         return tokenizer_pb2.TokenizeResponse(token_ids=token_ids)
 
     @grpc_errors
@@ -128,19 +149,26 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     async def GetModelInfo(self, request, context):
         return self._served.model_info
 
-    def _chat_messages(self, chat) -> list[dict[str, str]]:
+    def _chat_messages(self, chat) -> tuple[list[dict], list[dict] | None]:
+        """(messages, tools) for the chat template (pagewire.tools.render)."""
         if self._tokenizer.chat_template is None:
             raise FailedPrecondition(f"model {self._served.source.name} has no chat template")
         if not chat.messages:
             raise InvalidRequest("`chat.messages` must not be empty")
+        messages = []
         for index, message in enumerate(chat.messages):
             if message.role not in CHAT_ROLES:
                 raise InvalidRequest(
                     f"chat.messages[{index}].role {message.role!r} is not one of "
                     f"{', '.join(CHAT_ROLES)}"
                 )
-        # content is a proto string: never anything else, so only the role needs checking.
-        return [{"role": m.role, "content": m.content} for m in chat.messages]
+            messages.append({"role": message.role, "content": message.content,
+                             "name": message.name or None,
+                             "tool_call_id": message.tool_call_id or None,
+                             "tool_calls": _json_list(message.tool_calls_json,
+                                                      f"chat.messages[{index}].tool_calls_json")})
+        tools = _json_list(chat.tools_json, "chat.tools_json")
+        return for_template(messages, tools, template_knows_tools(self._tokenizer.chat_template))
 
     def _checked_ids(self, token_ids: Sequence[int], field: str) -> list[int]:
         ids = list(token_ids)

@@ -11,6 +11,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from pagewire.sampling.structured import StructuredOutputsParams
+
 # vLLM's _SAMPLING_EPS: a temperature below this is greedy (dividing by it would overflow).
 GREEDY_TEMPERATURE_EPS = 1e-5
 # vLLM's default max_logprobs; also OpenAI's cap on top_logprobs.
@@ -57,6 +59,8 @@ class SamplingParams:
     """Keep the matched stop string at the end of the text."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the detokenized text."""
+    structured_outputs: StructuredOutputsParams | None = None
+    """What the output must match (a JSON schema, a regex, a choice, a grammar); None: free."""
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalization has to go through object.__setattr__.
@@ -111,6 +115,9 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             value = getattr(self, name)
             _require(isinstance(value, bool), f"{name} must be a bool, got {value!r}")
+        _require(self.structured_outputs is None or
+                 isinstance(self.structured_outputs, StructuredOutputsParams),
+                 "structured_outputs must be a StructuredOutputsParams")
 
 
 def _require(condition: bool, message: str) -> None:

@@ -37,8 +37,12 @@ def _python(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> st
 
 
 def _under_root(where) -> bool:
+    """Whether a module was found in the checkout's own folders. A virtual environment made in
+    the root (the README's `python3 -m venv .venv`) is not the checkout: its site-packages is
+    where installed packages belong."""
     paths = where if isinstance(where, list) else [where] if where else []
-    return any(Path(p).resolve().is_relative_to(ROOT) for p in paths)
+    return any(Path(p).resolve().is_relative_to(ROOT) and "site-packages" not in Path(p).parts
+               for p in paths)
 
 
 def test_hugging_faces_kernels_is_installed_and_this_test_process_imports_it():

@@ -7,6 +7,9 @@ for greedy text.
 from __future__ import annotations
 
 import asyncio
+import re
+import socket
+import time
 
 import httpx
 import openai
@@ -191,6 +194,40 @@ def test_client_disconnect_aborts_the_request(stack, client, model):
                 await asyncio.sleep(0.1)
             return running
     assert stack._run(running_after_close()) == 0
+
+
+def test_idle_connection_outlives_the_clients_pool_expiry(stack):
+    # httpx (and so the openai SDK) drops an idle connection after 5 s. A gateway that closed
+    # it at 5 s too raced the client's next request on it: "Server disconnected without sending
+    # a response" for a request the gateway never saw (CI, 2026-12-05).
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as conn:
+        request = (f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{stack.port}\r\n\r\n").encode()
+        conn.sendall(request)
+        assert read_http_response(conn).startswith(b"HTTP/1.1 200")
+        time.sleep(5.5)
+        conn.sendall(request)
+        assert read_http_response(conn).startswith(b"HTTP/1.1 200"), \
+            "the gateway closed the connection"
+
+
+def read_http_response(conn: socket.socket) -> bytes:
+    """One whole response: the headers and its Content-Length of body, however the bytes arrive
+    (a body left unread would be taken for the next response; seen in CI, 2026-12-06)."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = conn.recv(4096)
+        if not chunk:
+            return received
+        received += chunk
+    head, body = received.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
+    while len(body) < length:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        body += chunk
+    assert len(body) == length, (head, body)
+    return head + b"\r\n\r\n" + body
 
 
 def test_cluster_lists_live_workers(stack):

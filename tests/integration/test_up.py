@@ -20,48 +20,32 @@ import pytest
 from pagewire import SamplingParams
 from pagewire.import_roots import pagewire_argv
 from pagewire.launcher import free_port
+from tests.integration.up_process import UpProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_up_serves_the_openai_api_and_stops_everything(llm, tmp_path):
     openai = pytest.importorskip("openai")
-    port = free_port()
     # Port 1 has no Redis: `up` must start its own redis-server (installed on this machine).
-    process = subprocess.Popen(
-        pagewire_argv("up", "--port", str(port),
-                      "--redis-url", "redis://127.0.0.1:1/0", "--kv-cache-bytes", str(400 << 20)),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        cwd=ROOT)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read():
-        for line in process.stdout:
-            lines.append(line)
-            if "serving on http://" in line:
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    up = UpProcess("--redis-url", "redis://127.0.0.1:1/0", "--kv-cache-bytes", str(400 << 20))
     try:
-        assert ready.wait(240), "".join(lines[-30:])
-        assert any("private redis-server" in line for line in lines)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        up.wait_ready()
+        assert any("private redis-server" in line for line in up.lines)
+        client = openai.OpenAI(base_url=up.base_url, api_key="unused")
         messages = [{"role": "user", "content": "What is the capital of France?"}]
         reply = client.chat.completions.create(model="SmolLM2-135M-Instruct",
                                                messages=messages, max_tokens=16,
                                                temperature=0)
         expected = llm.chat(messages, SamplingParams(temperature=0, max_tokens=16))
         assert reply.choices[0].message.content == expected[0].outputs[0].text
-        _bench_smoke(f"http://127.0.0.1:{port}/v1", tmp_path)
+        _bench_smoke(up.base_url, tmp_path)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
-        code = process.wait(timeout=30)
+        code = up.stop()
     assert code == 0
     time.sleep(0.5)
     with pytest.raises(OSError):
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+        urllib.request.urlopen(f"http://127.0.0.1:{up.port}/health", timeout=1)
 
 
 def _bench_smoke(base_url: str, result_dir) -> None:
@@ -91,7 +75,7 @@ def test_no_service_outlives_the_launcher(how):
     process = subprocess.Popen(
         pagewire_argv("up", "--port", str(port), "--kv-cache-bytes", str(400 << 20)),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        cwd=ROOT,        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     ready = threading.Event()
 
     def read():

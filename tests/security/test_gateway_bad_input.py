@@ -56,8 +56,23 @@ CASES = [
     ("messages as a string", CHAT, chat(messages="Hi"), 400, "messages"),
     ("message content as a number", CHAT, chat(messages=[{"role": "user", "content": 3}]), 400,
      "messages"),
-    ("message content as parts", CHAT, chat(messages=[
-        {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]), 400, "messages"),
+    ("message content as text parts", CHAT, chat(messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]), OK, None),
+    ("message content as an image part", CHAT, chat(messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400,
+     "messages"),
+    ("a user message with tool calls but no content", CHAT, chat(messages=[
+        {"role": "user", "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": ""}}]
+         }]), 400, "messages"),
+    ("a tool named with a space", CHAT, chat(tools=[
+        {"type": "function", "function": {"name": "get weather"}}]), 400, "tools"),
+    ("tool_choice of an unknown kind", CHAT, chat(tool_choice="always"), 400, "tool_choice"),
+    ("response_format of an unknown type", CHAT, chat(response_format={"type": "xml"}), 400,
+     "response_format"),
+    ("a schema that is not an object", CHAT, chat(response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": 5}}), 400,
+     "response_format"),
+    ("an empty regex", CHAT, chat(structured_outputs={"regex": ""}), 400, "structured_outputs"),
     ("message without content", CHAT, chat(messages=[{"role": "user"}]), 400, "messages"),
     ("unknown role", CHAT, chat(messages=[{"role": "wizard", "content": "Hi"}]), 400,
      "messages"),
