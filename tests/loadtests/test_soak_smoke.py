@@ -19,7 +19,11 @@ TINY = ["--duration-s", "15", "--capacity-s", "6", "--capacity-concurrency", "4"
         "--load-fraction", "0.4", "--input-len", "32", "--output-len", "8", "--prefix-len",
         "64", "--disconnect-fraction", "0.1", "--non-stream-fraction", "0.2",
         "--kv-cache-bytes", str(128 << 20), "--max-model-len", "2048",
-        "--sample-interval-s", "1", "--progress-every-s", "5"]
+        "--sample-interval-s", "1", "--progress-every-s", "5",
+        # A 5 s window holds ~10 requests: on a loaded 2-core CI machine one slow request moves
+        # its p90 (seen: TTFT 327 -> 840 ms, x2.57). The ratio check itself is tested on fixed
+        # data (test_soak_checks.py); here it only must not fail on that noise.
+        "--max-p90-ratio", "4"]
 
 
 @pytest.mark.slow
