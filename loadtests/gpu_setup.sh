@@ -18,7 +18,11 @@ if [ -x .redis/redis-server ]; then  # wrapped: only redis sees its carried libr
   chmod +x /tmp/pw-bin/redis-server
   export PATH=/tmp/pw-bin:$PATH
 fi
-redis-server --version || { echo "no working redis-server"; return 1; }
+# OFFLINE_ONLY=1: the offline engine alone (no services, no Redis): for calls whose carry
+# limit goes to other things (gpu_spec_decode.sh carries the embedded model's weights).
+if [ -z "${OFFLINE_ONLY:-}" ]; then
+  redis-server --version || { echo "no working redis-server"; return 1; }
+fi
 # pagewire -> shared, pagewire.{kernels,services,bench} -> their folders, without writing here.
 rm -rf /tmp/pw && mkdir -p /tmp/pw/pagewire
 for f in shared/*; do ln -sfn "$PWD/$f" /tmp/pw/pagewire/; done
@@ -28,13 +32,18 @@ ln -sfn "$PWD/loadtests/bench" /tmp/pw/pagewire/bench
 export PYTHONPATH=/tmp/pw:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 python3 - <<'PY' | tee "$OUT/device.txt" || return 1
-import fastapi, grpc, grpc_health, redis, torch, triton, uvicorn
-import pagewire.bench, pagewire.launcher, pagewire.services.gateway.app
-from pagewire.kv_transport.nixl_agent import nixl_available
+import os
+import torch, triton
+import pagewire.llm
 gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-print("gpus:", gpus or "none", "| torch", torch.__version__, "| triton", triton.__version__,
-      "| grpcio", grpc.__version__, "| fastapi", fastapi.__version__, "| nixl",
-      nixl_available())
+line = f"gpus: {gpus or 'none'} | torch {torch.__version__} | triton {triton.__version__}"
+if not os.environ.get("OFFLINE_ONLY"):
+    import fastapi, grpc, grpc_health, redis, uvicorn
+    import pagewire.bench, pagewire.launcher, pagewire.services.gateway.app
+    from pagewire.kv_transport.nixl_agent import nixl_available
+    line += (f" | grpcio {grpc.__version__} | fastapi {fastapi.__version__} | nixl "
+             f"{nixl_available()}")
+print(line)
 PY
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=index,name,memory.total,clocks.sm \
   --format=csv,noheader | tee -a "$OUT/device.txt"

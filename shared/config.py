@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pagewire.spec_decode.config import SpeculativeConfig
+
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -96,6 +98,10 @@ class EngineConfig:
     """CPU only: keep the KV cache in a file of this tmpfs folder (mapped shared), so a prefill
     worker on the same host can write a prompt's KV straight into it (the shm KV transport).
     A folder without room for it leaves the cache in private memory."""
+    speculative_config: SpeculativeConfig | dict | str | None = None
+    """Speculative decoding, vLLM's dict (or its JSON): {"method": "ngram",
+    "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}. Kept as a
+    SpeculativeConfig once validated."""
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
@@ -121,6 +127,8 @@ class EngineConfig:
             raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
         if self.usage not in USAGES:
             raise ValueError(f"usage must be one of {USAGES}, got {self.usage!r}")
+        object.__setattr__(self, "speculative_config",
+                           SpeculativeConfig.parse(self.speculative_config))
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {tuple(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")

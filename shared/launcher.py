@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     # pagewire.config.KV_CACHE_DTYPES, spelt out: the launcher imports no torch
     parser.add_argument("--kv-cache-dtype", default=None, choices=("auto", "fp8", "fp8_e4m3"),
                         help="workers' KV cache: fp8 halves its bytes per token (lossy)")
+    parser.add_argument("--speculative-config", default=None, metavar="JSON",
+                        help='decode and colocated workers speculate: {"method": "ngram", '
+                             '"num_speculative_tokens": 4}, vLLM\'s keys')
     parser.add_argument("--kv-transports", default=None,
                         help="KV transports workers may use, fastest first, from cuda_ipc, "
                              "shm, nixl, grpc (default: all; gRPC bytes stay the fallback)")
@@ -212,7 +215,7 @@ def _start_services(args, stack: Stack, redis_url: str) -> None:
             port = free_port()
             stack.start(f"{role} worker", serve + [
                 "worker", "--role", role, "--port", str(port), "--redis-url", redis_url,
-                "--redis-namespace", namespace] + model + _worker_flags(args),
+                "--redis-namespace", namespace] + model + _worker_flags(args, role),
                 env=_worker_env(args, len(workers)))
             workers.append(f"127.0.0.1:{port}")
     placement = [] if args.max_local_prefill_tokens is None else \
@@ -233,13 +236,16 @@ def _start_services(args, stack: Stack, redis_url: str) -> None:
     _wait(stack, "gateway", lambda: http_healthy(f"http://127.0.0.1:{args.port}/health"))
 
 
-def _worker_flags(args) -> list[str]:
+def _worker_flags(args, role: str) -> list[str]:
     flags = []
+    # A prefill worker samples one token per request: it has nothing to speculate on.
+    speculative = args.speculative_config if role != "prefill" else None
     for flag, value in (("--kv-cache-bytes", args.kv_cache_bytes or None),
                         ("--load-format", args.load_format),
                         ("--max-model-len", args.max_model_len),
                         ("--kv-cache-dtype", args.kv_cache_dtype),
-                        ("--kv-transports", args.kv_transports)):
+                        ("--kv-transports", args.kv_transports),
+                        ("--speculative-config", speculative)):
         if value is not None:
             flags += [flag, str(value)]
     return flags

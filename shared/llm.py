@@ -16,6 +16,14 @@ from pagewire.sampling.params import SamplingParams
 PromptType = str | dict[str, Any]
 
 
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """A counter (value: a number) or a vector of counters (value: one per position)."""
+
+    name: str
+    value: int | list[int]
+
+
 class LLM:
     """An engine in this process. `LLM()` loads the embedded SmolLM2-135M-Instruct."""
 
@@ -23,6 +31,21 @@ class LLM:
         engine_kwargs.setdefault("usage", "offline")  # bigger steps on a large GPU, as vLLM's
         self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
         self._next_id = 0
+
+    def get_metrics(self) -> list[Metric]:
+        """The engine's counters, named as /metrics names them (vLLM's LLM.get_metrics())."""
+        stats = self.engine.stats
+        metrics = [Metric("pagewire:num_preemptions", stats.num_preemptions),
+                   Metric("pagewire:prefix_cache_hits", stats.num_prefix_hit_tokens)]
+        if self.engine.speculator is not None:
+            spec = self.engine.speculator.stats
+            metrics += [
+                Metric("pagewire:spec_decode_num_drafts", spec.num_drafts),
+                Metric("pagewire:spec_decode_num_draft_tokens", spec.num_draft_tokens),
+                Metric("pagewire:spec_decode_num_accepted_tokens", spec.num_accepted_tokens),
+                Metric("pagewire:spec_decode_num_accepted_tokens_per_pos",
+                       list(spec.accepted_per_position))]
+        return metrics
 
     def get_tokenizer(self):
         return self.engine.tokenizer

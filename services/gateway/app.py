@@ -106,7 +106,11 @@ def create_app(config: GatewayConfig) -> FastAPI:
              "waiting": w.waiting, "kv_blocks_free": w.kv_blocks_free,
              "kv_blocks_total": w.kv_blocks_total, "served": w.served,
              "prefill_tokens_per_s": w.prefill_tokens_per_s, "device": w.device,
-             "kv_transports": list(w.kv_transports)}
+             "kv_transports": list(w.kv_transports),
+             "spec_decode": {"drafts": w.spec_num_drafts,
+                             "draft_tokens": w.spec_num_draft_tokens,
+                             "accepted_tokens": w.spec_num_accepted_tokens,
+                             "accepted_per_position": list(w.spec_accepted_per_position)}}
             for w in info.workers], "kv_links": [
             {"prefill_id": link.prefill_id, "decode_id": link.decode_id,
              "transport": link.transport, "bytes_per_s": link.bytes_per_s,

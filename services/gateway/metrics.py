@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from pagewire.v1 import common_pb2, router_pb2
 
@@ -160,6 +160,7 @@ class _ClusterCollector:
         for pair in self._cluster.links:
             link.add_metric([pair.prefill_id, pair.decode_id, pair.transport],
                             pair.bytes_per_s)
+        yield from _spec_decode_families(self._cluster.workers)
         index = GaugeMetricFamily("pagewire:prefix_index_available",
                                   "1 while the router reaches the Redis prefix index.")
         index.add_metric([], 1 if self._cluster.prefix_index_available else 0)
@@ -167,3 +168,27 @@ class _ClusterCollector:
         yield speed
         yield link
         yield index
+
+
+def _spec_decode_families(workers):
+    """vLLM's speculative-decoding counters, per worker that speculates."""
+    labels = ["worker_id", "role"]
+    drafts = CounterMetricFamily("pagewire:spec_decode_num_drafts",
+                                 "Sequence-steps that verified draft tokens.", labels=labels)
+    draft_tokens = CounterMetricFamily("pagewire:spec_decode_num_draft_tokens",
+                                       "Draft tokens proposed and verified.", labels=labels)
+    accepted = CounterMetricFamily("pagewire:spec_decode_num_accepted_tokens",
+                                   "Draft tokens the target model accepted.", labels=labels)
+    per_position = CounterMetricFamily("pagewire:spec_decode_num_accepted_tokens_per_pos",
+                                       "Accepted draft tokens by their position in the draft.",
+                                       labels=labels + ["position"])
+    for w in workers:
+        if not w.spec_num_drafts and not w.spec_accepted_per_position:
+            continue
+        key = [w.id, w.role]
+        drafts.add_metric(key, w.spec_num_drafts)
+        draft_tokens.add_metric(key, w.spec_num_draft_tokens)
+        accepted.add_metric(key, w.spec_num_accepted_tokens)
+        for position, count in enumerate(w.spec_accepted_per_position):
+            per_position.add_metric(key + [str(position)], count)
+    return [drafts, draft_tokens, accepted, per_position]

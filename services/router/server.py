@@ -342,7 +342,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     kv_blocks_total=w.kv_blocks_total, served=w.served,
                     prefill_tokens_per_s=speeds[w.worker_id].value
                     if w.worker_id in speeds else 0.0, device=w.device,
-                    kv_transports=[t for t in w.kv_transports.split(",") if t])
+                    kv_transports=[t for t in w.kv_transports.split(",") if t],
+                    spec_num_drafts=w.spec_num_drafts,
+                    spec_num_draft_tokens=w.spec_num_draft_tokens,
+                    spec_num_accepted_tokens=w.spec_num_accepted_tokens,
+                    spec_accepted_per_position=[
+                        int(n) for n in w.spec_accepted_per_position.split(",") if n])
                 for w in workers])
 
 

@@ -121,7 +121,8 @@ class Announcer:
                           waiting=len(engine.scheduler.waiting),
                           kv_blocks_free=bm.num_free_blocks, kv_blocks_total=bm.num_blocks,
                           served=self.served(), block_size=bm.block_size,
-                          device=self.device, kv_transports=self.kv_transports)
+                          device=self.device, kv_transports=self.kv_transports,
+                          **_spec_decode_fields(engine))
         return info, stored, removed, bm.cached_hashes()
 
     def _write(self, info, stored, removed, held) -> None:
@@ -131,3 +132,12 @@ class Announcer:
         elif stored or removed:
             self.index.publish(self.worker_id, stored, removed)
 
+
+def _spec_decode_fields(engine) -> dict:
+    if engine.speculator is None:
+        return {}
+    stats = engine.speculator.stats
+    return {"spec_num_drafts": stats.num_drafts,
+            "spec_num_draft_tokens": stats.num_draft_tokens,
+            "spec_num_accepted_tokens": stats.num_accepted_tokens,
+            "spec_accepted_per_position": ",".join(map(str, stats.accepted_per_position))}

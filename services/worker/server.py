@@ -387,6 +387,11 @@ def parse_args(argv: Sequence[str] | None) -> WorkerConfig:
                         choices=tuple(KV_CACHE_DTYPES),
                         help="fp8: half the KV bytes per token, lossy; workers that exchange "
                              "KV must agree (env PAGEWIRE_KV_CACHE_DTYPE)")
+    parser.add_argument("--speculative-config", default=defaults.engine.speculative_config,
+                        help='speculative decoding, as JSON: {"method": "ngram", '
+                             '"num_speculative_tokens": 4} or {"method": "draft_model", '
+                             '"model": PATH, "num_speculative_tokens": 3} (decode and colocated '
+                             'workers; env PAGEWIRE_SPECULATIVE_CONFIG)')
     parser.add_argument("--redis-url", default=defaults.redis_url,
                         help="registry and prefix index (env PAGEWIRE_REDIS_URL)")
     parser.add_argument("--redis-namespace", default=defaults.redis_namespace,
@@ -405,7 +410,8 @@ def parse_args(argv: Sequence[str] | None) -> WorkerConfig:
     engine = dataclasses.replace(defaults.engine, model=args.model, load_format=args.load_format,
                                  kv_cache_memory_bytes=args.kv_cache_bytes,
                                  max_model_len=args.max_model_len,
-                                 kv_cache_dtype=args.kv_cache_dtype)
+                                 kv_cache_dtype=args.kv_cache_dtype,
+                                 speculative_config=args.speculative_config)
     return WorkerConfig(role=args.role, host=args.host, port=args.port,
                         worker_id=args.worker_id, engine=engine, redis_url=args.redis_url,
                         redis_namespace=args.redis_namespace, advertise_address=args.advertise,

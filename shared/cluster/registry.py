@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode", "both")
 _INT_FIELDS = (
-    "running", "waiting", "kv_blocks_free", "kv_blocks_total", "served", "block_size"
+    "running", "waiting", "kv_blocks_free", "kv_blocks_total", "served", "block_size",
+    "spec_num_drafts", "spec_num_draft_tokens", "spec_num_accepted_tokens",
 )
 
 
@@ -45,6 +46,12 @@ class WorkerInfo:
     block_size: int = 16  # tokens per KV block: the router hashes prompts with it
     device: str = ""  # where its engine runs: "cpu", or "cuda" and the GPU's name
     kv_transports: str = ""  # KV transports it receives on, comma-separated (for /cluster)
+    # Speculative decoding since start (vLLM's counters; 0 without it): sequence-steps that
+    # verified drafts, draft tokens, accepted tokens, accepted tokens by position ("5,3,1").
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_position: str = ""
 
     def __post_init__(self) -> None:
         check_role(self.role)
@@ -132,6 +139,7 @@ def _decode(worker_id: str, raw_fields: dict) -> WorkerInfo | None:
             model=fields["model"],
             **{name: int(fields[name]) for name in _INT_FIELDS if name in fields},
             device=fields.get("device", ""), kv_transports=fields.get("kv_transports", ""),
+            spec_accepted_per_position=fields.get("spec_accepted_per_position", ""),
         )
     except (KeyError, ValueError) as exc:
         # Written by a newer or broken worker: skip it rather than fail every routing decision.

@@ -144,6 +144,16 @@ class BlockManager:
                     self._free_queue.move_to_end(block_id, last=False)
         block_table.clear()
 
+    def trim(self, block_table: list[int], num_tokens: int) -> None:
+        """Frees the blocks beyond the first ceil(num_tokens / block_size), tail first: slots
+        allotted to speculative drafts that were rejected. Such blocks hold no registered hash
+        (only known tokens are hashed), so they go to the head of the free queue."""
+        keep = -(-num_tokens // self.block_size)
+        if len(block_table) > keep:
+            tail = block_table[keep:]
+            del block_table[keep:]
+            self.free(tail)
+
     def cached_hashes(self) -> list[int]:
         """Every hash the prefix cache holds now (to republish a lost index)."""
         return list(self._block_id_by_hash)

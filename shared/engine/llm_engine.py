@@ -25,6 +25,7 @@ from pagewire.model.model_source import resolve_model
 from pagewire.outputs import CompletionOutput, Logprob, RequestOutput
 from pagewire.sampling.params import SamplingParams
 from pagewire.sampling.sampler import make_generator
+from pagewire.spec_decode.speculator import Speculator
 from pagewire.structured_output.grammars import GrammarCompiler, GrammarError
 from pagewire.tokenizer.detokenizer import IncrementalDetokenizer
 from pagewire.tokenizer.loader import eos_token_ids, load_tokenizer
@@ -96,6 +97,9 @@ class LLMEngine:
                                   spec.head_dim)
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
+        self.speculator = None if config.speculative_config is None else \
+            Speculator(config.speculative_config, config.device, self.block_manager,
+                       self.runner.draft)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._stop_matchers: dict[str, StopStringMatcher] = {}
         self._texts: dict[str, str] = {}
@@ -211,6 +215,10 @@ class LLMEngine:
 
     def _launch(self, in_flight: StepResult | None) -> StepResult | None:
         """Schedules and launches a step; the step that samples tokens, if any."""
+        # Drafts need the sequences' tokens on the host: a speculating step is read back
+        # before the next one is planned (no async overlap for it).
+        speculating = self.speculator is not None and \
+            self.speculator.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
         self.stats.num_preemptions += len(batch.preempted)
         if not batch:
@@ -226,6 +234,7 @@ class LLMEngine:
                                         seq.num_computed_tokens, seq.num_prompt_tokens)
         for seq in result.seqs:
             seq.num_pending_tokens += 1
+        result.needs_host_tokens |= speculating
         return result if result.output is not None else None
 
     def _finish_step(self, result: StepResult, finished_only: bool) -> list[RequestOutput]:
@@ -234,15 +243,20 @@ class LLMEngine:
         token_ids = out.sampled_token_ids.tolist()
         logprobs = _logprob_rows(out, len(token_ids))
         outputs = []
-        for row, seq in enumerate(result.seqs):
+        for seq, rows in zip(result.seqs, self._emitted_rows(result)):
             if seq.is_finished:  # ended (stopped, aborted) while this step ran: a void token
                 continue
             num_hashes = len(seq.block_hashes)
-            seq.append_token(token_ids[row])
-            if seq.params.logprobs is not None:
-                sampled, top = logprobs[row]
-                seq.output_logprobs.append((sampled, top[:seq.params.logprobs]))
-            self._after_token(seq, token_ids[row])
+            for row in rows:
+                seq.append_token(token_ids[row])
+                if seq.params.logprobs is not None:
+                    sampled, top = logprobs[row]
+                    seq.output_logprobs.append((sampled, top[:seq.params.logprobs]))
+                self._after_token(seq, token_ids[row])
+                if seq.is_finished:  # tokens accepted after a stop are dropped
+                    break
+            if len(rows) > 1 and not seq.is_finished:  # give back rejected drafts' slots
+                self.block_manager.trim(seq.block_table, seq.num_tokens)
             if len(seq.block_hashes) > num_hashes and not seq.is_finished:
                 # The token completed a block whose KV the device already computed (it was
                 # the input of the step in flight): the block joins the prefix cache now.
@@ -253,6 +267,23 @@ class LLMEngine:
             if seq.is_finished and not seq.hold_kv:
                 self._forget(seq)
         return outputs
+
+    def _emitted_rows(self, result: StepResult) -> list[range]:
+        """Which output rows each sequence emits: its one row, or for a verify step its
+        accepted drafts and the token after them. A verified sequence's KV then counts only
+        the accepted drafts (the rest of what the step computed is rolled back)."""
+        if result.num_rows is None:
+            return [range(row, row + 1) for row in range(len(result.seqs))]
+        emitted, start = [], 0
+        for seq, rows, accepted in zip(result.seqs, result.num_rows,
+                                       result.host_num_accepted()):
+            num_drafted = rows - 1
+            if num_drafted and not seq.is_finished:
+                seq.num_computed_tokens -= num_drafted - accepted
+                self.speculator.record(seq, num_drafted, accepted)
+            emitted.append(range(start, start + accepted + 1))
+            start += rows
+        return emitted
 
     def _after_token(self, seq: Sequence, token_id: int) -> None:
         params = seq.params

@@ -9,6 +9,7 @@ and import (kv_transfer.py).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -27,6 +28,9 @@ from pagewire.model.llama import LlamaForCausalLM, ModelSpec
 from pagewire.model.model_source import ModelSource
 from pagewire.model.weights import init_dummy_weights, iter_safetensors, load_weights
 from pagewire.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata
+from pagewire.spec_decode.draft_model import DraftModelProposer
+from pagewire.spec_decode.rejection import verify
+from pagewire.spec_decode.speculator import disable_batch_size
 from pagewire.structured_output.grammars import BatchMasks
 
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -59,12 +63,20 @@ class StepResult:
     host_copy: HostCopy | None = None
     row_of: dict[Sequence, int] = field(default_factory=dict)
     # The next step needs these sequences' tokens on the host first: penalties count them, a
-    # grammar's mask for the next token depends on them.
+    # grammar's mask for the next token depends on them, the proposer reads them.
     needs_host_tokens: bool = False
+    # A verify step (speculative drafts): rows per sequence (1 + its drafts); the output has
+    # one row per scored position and host_output()'s num_accepted says how many were kept.
+    num_rows: list[int] | None = None
 
     def host_output(self) -> SamplerOutput:
         assert self.output is not None and self.host_copy is not None
-        return SamplerOutput(*self.host_copy.wait())
+        return SamplerOutput(*self.host_copy.wait()[:4])
+
+    def host_num_accepted(self) -> list[int]:
+        """Per sequence, how many of its drafts the target accepted (a verify step)."""
+        assert self.num_rows is not None and self.host_copy is not None
+        return self.host_copy.wait()[4].tolist()
 
 
 class ModelRunner:
@@ -76,6 +88,10 @@ class ModelRunner:
         hf_config = AutoConfig.from_pretrained(source.model_dir)
         self.spec = ModelSpec.from_hf_config(hf_config)
         self.model = self._load_model(source)
+        speculative = config.speculative_config
+        self.draft = None  # the draft model of speculative decoding, with its own cache
+        if speculative is not None and speculative.method == "draft_model":
+            self.draft = DraftModelProposer(speculative.model, config, self.spec)
         self.sampler = Sampler()
         self.grammar_masks = BatchMasks(self.spec.vocab_size)
         self.kv_info = self._plan_kv_cache()
@@ -84,28 +100,23 @@ class ModelRunner:
             (self.spec.num_layers, 2, self.kv_info.num_blocks, config.block_size,
              self.spec.num_kv_heads, self.spec.head_dim))
         self.layer_caches = list(self.kv_cache.unbind(0))
-        self.decode_graphs = None
+        if self.draft is not None:
+            self.draft.allocate_cache(self.kv_info.num_blocks)
+        self.decode_graphs = self.verify_graphs = None
         if config.use_cuda_graphs:
-            self.decode_graphs = DecodeGraphs(
-                self.model, self.layer_caches, config.seq_limit,
-                min(config.max_model_len or self.spec.max_context, self.spec.max_context),
-                config.block_size, self.device)
+            max_model_len = min(config.max_model_len or self.spec.max_context,
+                                self.spec.max_context)
+            self.decode_graphs = DecodeGraphs(self.model, self.layer_caches, config.seq_limit,
+                                              max_model_len, config.block_size, self.device)
+            if speculative is not None:  # verify steps: k + 1 tokens per sequence
+                self.verify_graphs = DecodeGraphs(
+                    self.model, self.layer_caches,
+                    min(config.seq_limit, disable_batch_size(speculative, config.device)),
+                    max_model_len, config.block_size, self.device,
+                    query_len=speculative.num_speculative_tokens + 1)
 
-    @torch.inference_mode()
     def _load_model(self, source: ModelSource) -> LlamaForCausalLM:
-        torch.manual_seed(self.config.seed)
-        # Made in the target dtype: made in float32 and cast, an 8B model held 48 GB at its
-        # peak and left 32 GB cached, so two workers sharing a GPU ran out of memory.
-        with torch.device(self.device), _default_dtype(self.dtype):
-            model = LlamaForCausalLM(self.spec, self.config.use_triton).to(self.dtype)
-        if self.config.load_format == "dummy":
-            init_dummy_weights(model, self.config.seed)
-        else:
-            load_weights(model, iter_safetensors(source.model_dir))
-        if self.device.type == "cpu" and self.dtype == torch.float32:
-            model.pack_for_cpu()
-            paged_decode_attention_op()  # compile (once per machine) before the first step
-        return model.eval()
+        return load_model(self.spec, source, self.config)
 
     def _allocate_kv_cache(self, shape: tuple[int, ...]) -> torch.Tensor:
         folder = self.config.kv_cache_shared_dir
@@ -131,7 +142,9 @@ class ModelRunner:
             budget = self._cuda_kv_budget()
         elif budget is None:
             budget = CPU_KV_CACHE_BYTES
-        num_blocks = budget // block_bytes
+        # A draft model's cache has as many blocks as this one: the budget holds both.
+        draft_bytes = self.draft.block_bytes if self.draft is not None else 0
+        num_blocks = budget // (block_bytes + draft_bytes)
         if num_blocks < 1:
             raise ValueError(f"KV cache budget of {budget} bytes holds no block of {block_bytes}")
         return KVCacheInfo(num_blocks, self.config.block_size, block_bytes)
@@ -174,9 +187,13 @@ class ModelRunner:
         sampling_seqs: list[Sequence] = []
         patch_rows: list[int] = []  # input rows whose token is in in_flight's output...
         patch_sources: list[int] = []  # ...at these rows
+        num_rows: list[int] = []  # logit rows per sampling sequence: 1 + its drafts
         for seq, n in zip(seqs, num_new):
             start = seq.num_computed_tokens
             known = seq.token_ids[start:start + n]
+            spec = seq.spec_token_ids
+            if spec and len(known) < n:  # its drafts follow its tokens (never pending then)
+                known = known + spec[:n - len(known)]
             if len(known) < n:  # the last input is still on the device
                 assert len(known) == n - 1 and in_flight is not None, "input tokens missing"
                 patch_rows.append(len(input_ids) + len(known))
@@ -185,8 +202,10 @@ class ModelRunner:
             input_ids.extend(known)
             positions.extend(range(start, start + n))
             context_lens.append(start + n)
-            if start + n == seq.num_tokens:  # all known tokens computed: sample the next
-                logit_rows.append(len(input_ids) - 1)
+            if start + n == seq.num_tokens + len(spec):  # all computed: sample the next
+                rows = 1 + len(spec)  # and verify each draft
+                logit_rows.extend(range(len(input_ids) - rows, len(input_ids)))
+                num_rows.append(rows)
                 sampling_seqs.append(seq)
         patch = None
         if patch_rows:
@@ -201,6 +220,8 @@ class ModelRunner:
         if len(logit_rows) < hidden.shape[0]:
             hidden = hidden[to_device(logit_rows, torch.long, self.device)]
         logits = self.model.compute_logits(hidden)
+        if len(logit_rows) > len(sampling_seqs):
+            return self._verify(logits, sampling_seqs, num_rows)
         self._mask_stops_before_min_tokens(logits, sampling_seqs)
         grammars = [s.grammar for s in sampling_seqs]
         self.grammar_masks.apply(logits, grammars)  # host work while the device computes
@@ -217,8 +238,49 @@ class ModelRunner:
                           needs_host_tokens=sampling.output_token_ids is not None or
                           any(g is not None for g in grammars))
 
+    def _verify(self, logits: torch.Tensor, seqs: list[Sequence],
+                num_rows: list[int]) -> StepResult:
+        """Samples a step in which some sequences carry drafts: every row of theirs is scored
+        and their drafts accepted or rejected (spec_decode.rejection). Sequences with drafts
+        have no grammar, penalties or pending min_tokens (the engine proposes for none such),
+        so only the one-row sequences beside them need those."""
+        row_seqs = [seq for seq, rows in zip(seqs, num_rows) for _ in range(rows)]
+        last_rows = [row - 1 for row in itertools.accumulate(num_rows)]
+        self._mask_stops_before_min_tokens(logits, seqs, last_rows)
+        grammars: list = [None] * len(row_seqs)
+        for seq, row in zip(seqs, last_rows):
+            grammars[row] = seq.grammar
+        self.grammar_masks.apply(logits, grammars)
+        sampling = SamplingMetadata.build(
+            [s.params for s in row_seqs], [s.prompt_token_ids for s in row_seqs],
+            [s.output_token_ids for s in row_seqs], [s.generator for s in row_seqs],
+            self.spec.vocab_size, self.device)
+        drafts = [token for seq in seqs for token in seq.spec_token_ids + [-1]]
+        width = max(num_rows)
+        seq_rows = [[last - rows + 1 + min(j, rows - 1) for j in range(width)]
+                    for last, rows in zip(last_rows, num_rows)]
+        draft_probs = None
+        if any(seq.spec_draft_probs is not None for seq in seqs):  # the draft model's q
+            draft_probs = torch.zeros_like(logits)
+            for seq, last, rows in zip(seqs, last_rows, num_rows):
+                if seq.spec_draft_probs is not None and rows > 1:
+                    draft_probs[last - rows + 1:last] = seq.spec_draft_probs[:rows - 1]
+        out, num_accepted = verify(logits, sampling, to_device(drafts, torch.long, self.device),
+                                   to_device(seq_rows, torch.long, self.device), draft_probs)
+        return StepResult(seqs, out, HostCopy([out.sampled_token_ids, out.sampled_logprobs,
+                                               out.top_logprob_ids, out.top_logprobs,
+                                               num_accepted]),
+                          {seq: row for seq, row in zip(seqs, last_rows)},
+                          needs_host_tokens=True, num_rows=num_rows)
+
     def _forward(self, seqs, num_new, input_ids, positions, context_lens, patch) -> torch.Tensor:
         block_tables = [s.block_table for s in seqs]
+        verify = self.verify_graphs
+        if verify is not None and patch is None and len(seqs) <= verify.max_batch and \
+                any(s.spec_token_ids for s in seqs) and \
+                all(n <= verify.query_len and s.num_computed_tokens == s.num_tokens - 1
+                    for s, n in zip(seqs, num_new)):
+            return self._verify_graph_forward(verify, seqs, num_new, input_ids)
         graphs = self.decode_graphs
         if graphs is not None and len(seqs) <= graphs.max_batch and \
                 len(input_ids) == len(seqs):  # decode only: one new token per sequence
@@ -231,10 +293,28 @@ class ModelRunner:
         return self.model(ids, to_device(positions, torch.long, self.device),
                           self.layer_caches, meta)
 
-    def _mask_stops_before_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    def _verify_graph_forward(self, graphs: DecodeGraphs, seqs, num_new,
+                              input_ids) -> torch.Tensor:
+        """A verify step through its CUDA graph: each sequence's tokens padded to the graph's
+        query length (pads write no KV; their rows are dropped here)."""
+        q = graphs.query_len
+        ids, positions, context_lens, rows = [], [], [], []
+        offset = 0
+        for i, (seq, n) in enumerate(zip(seqs, num_new)):
+            start = seq.num_computed_tokens
+            ids += input_ids[offset:offset + n] + [-1] * (q - n)
+            positions += list(range(start, start + q))
+            context_lens.append(start + q)
+            rows += range(i * q, i * q + n)
+            offset += n
+        hidden = graphs.run(ids, positions, context_lens, [s.block_table for s in seqs])
+        return hidden[to_device(rows, torch.long, self.device)]
+
+    def _mask_stops_before_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence],
+                                      seq_rows: list[int] | None = None) -> None:
         rows: list[int] = []
         cols: list[int] = []
-        for row, seq in enumerate(seqs):
+        for row, seq in zip(seq_rows or range(len(seqs)), seqs):
             params = seq.params
             # Pending tokens count: this step samples the token after them.
             if seq.num_tokens - seq.num_prompt_tokens < params.min_tokens:
@@ -267,6 +347,27 @@ class ModelRunner:
         else:
             self.kv_cache.index_copy_(2, index, blocks)
 
+
+
+@torch.inference_mode()
+def load_model(spec: ModelSpec, source: ModelSource, config: EngineConfig,
+               load_format: str | None = None) -> LlamaForCausalLM:
+    """The model of `spec` on the config's device and dtype, with its weights (or random
+    ones for load_format dummy)."""
+    device, dtype = torch.device(config.device), config.torch_dtype
+    torch.manual_seed(config.seed)
+    # Made in the target dtype: made in float32 and cast, an 8B model held 48 GB at its
+    # peak and left 32 GB cached, so two workers sharing a GPU ran out of memory.
+    with torch.device(device), _default_dtype(dtype):
+        model = LlamaForCausalLM(spec, config.use_triton).to(dtype)
+    if (load_format or config.load_format) == "dummy":
+        init_dummy_weights(model, config.seed)
+    else:
+        load_weights(model, iter_safetensors(source.model_dir))
+    if device.type == "cpu" and dtype == torch.float32:
+        model.pack_for_cpu()
+        paged_decode_attention_op()  # compile (once per machine) before the first step
+    return model.eval()
 
 
 @contextlib.contextmanager

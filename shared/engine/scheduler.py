@@ -2,8 +2,9 @@
 
 Speaks only in tokens (vLLM v1's idea): every sequence wants `num_tokens - num_computed_tokens`
 more tokens computed, whether that is a prompt chunk, a recompute after preemption or one decode
-token. Running sequences go first (FCFS), then waiting ones while the token budget, the
-sequence limit and the free blocks allow. When blocks run out, the newest running sequence is
+token, plus its speculative drafts if it has any (computed with it, then verified). Running
+sequences go first (FCFS), then waiting ones while the token budget, the sequence limit and the
+free blocks allow. When blocks run out, the newest running sequence is
 preempted by recompute: its blocks are freed and it waits again at the front of the queue
 (its prefix may still hit the cache when it returns). Returns plain data; never touches tensors.
 """
@@ -63,7 +64,10 @@ class Scheduler:
             if seq.reached_max_tokens:  # its last token is in flight: nothing left to compute
                 i += 1
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            spec = seq.spec_token_ids
+            num_new = min(seq.num_tokens + len(spec) - seq.num_computed_tokens, budget)
+            if spec and num_new < 1 + len(spec):  # the budget cuts the drafts short
+                del spec[max(num_new - 1, 0):]
             while not self.block_manager.allocate(seq.block_table,
                                                   seq.num_computed_tokens + num_new):
                 victim = self.running.pop()
@@ -111,6 +115,8 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq.block_table)
+        seq.spec_token_ids.clear()
+        seq.spec_draft_computed = 0
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING

@@ -65,6 +65,13 @@ class Sequence:
     kv_sink: object | None = None
     # Its place in its structured-output grammar (pagewire.structured_output), when it has one
     grammar: object | None = None
+    # Speculative decoding: draft tokens to verify in the next step (they follow token_ids and
+    # are scheduled with it, never part of it), and this request's acceptance so far.
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_draft_probs: torch.Tensor | None = None  # [drafts, V] the draft model's q, if random
+    spec_draft_computed: int = 0  # tokens whose KV the draft model's cache holds
+    spec_num_drafted: int = 0
+    spec_num_accepted: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

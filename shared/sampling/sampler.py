@@ -147,6 +147,16 @@ def apply_penalties(logits: Tensor, meta: SamplingMetadata) -> Tensor:
 
 
 def _sample_random(logits: Tensor, meta: SamplingMetadata) -> Tensor:
+    probs = filtered_probs(logits, meta)
+    # Exponential race: argmax(p_i / q_i) with q_i ~ Exp(1) picks token i with probability p_i,
+    # without torch.multinomial's device sync. The clamp guards against a drawn 0 (-> inf/NaN).
+    noise = exponential_noise(probs, meta.generators)
+    return (probs / noise.clamp_(min=torch.finfo(torch.float32).tiny)).argmax(dim=-1)
+
+
+def filtered_probs(logits: Tensor, meta: SamplingMetadata) -> Tensor:
+    """The distribution a random row samples from: temperature, min_p, top_k, top_p, softmax
+    (speculative decoding's verifier accepts drafts against exactly this)."""
     # Greedy rows divide by 1 instead of 0; their result is discarded by the caller.
     temperature = torch.where(meta.temperature < GREEDY_TEMPERATURE_EPS, 1.0, meta.temperature)
     logits = logits / temperature.unsqueeze(1)
@@ -154,11 +164,7 @@ def _sample_random(logits: Tensor, meta: SamplingMetadata) -> Tensor:
         logits = _apply_min_p(logits, meta.min_p)
     if meta.top_k is not None or meta.top_p is not None:
         logits = _apply_top_k_top_p(logits, meta.top_k, meta.top_p)
-    probs = logits.softmax(dim=-1)
-    # Exponential race: argmax(p_i / q_i) with q_i ~ Exp(1) picks token i with probability p_i,
-    # without torch.multinomial's device sync. The clamp guards against a drawn 0 (-> inf/NaN).
-    noise = _exponential_noise(probs, meta.generators)
-    return (probs / noise.clamp_(min=torch.finfo(torch.float32).tiny)).argmax(dim=-1)
+    return logits.softmax(dim=-1)
 
 
 def _apply_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
@@ -185,7 +191,7 @@ def _apply_top_k_top_p(logits: Tensor, top_k: Tensor | None, top_p: Tensor | Non
     return torch.empty_like(logits).scatter_(1, sorted_ids, sorted_logits)
 
 
-def _exponential_noise(probs: Tensor, generators: list[torch.Generator | None]) -> Tensor:
+def exponential_noise(probs: Tensor, generators: list[torch.Generator | None]) -> Tensor:
     noise = torch.empty_like(probs)
     if any(g is None for g in generators):
         noise.exponential_()  # one call for all rows; seeded rows are overwritten below

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pagewire.v1 import common_pb2 as pagewire_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pagewire/v1/router.proto\x12\x0bpagewire.v1\x1a\x18pagewire/v1/common.proto\"\x80\x01\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.pagewire.v1.SamplingOptions\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\"\x10\n\x0e\x43lusterRequest\"\xe1\x01\n\x0cWorkerStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x06 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\r\x12\x0e\n\x06served\x18\x08 \x01(\x04\x12\x1c\n\x14prefill_tokens_per_s\x18\t \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x15\n\rkv_transports\x18\x0b \x03(\t\"j\n\x06KVLink\x12\x12\n\nprefill_id\x18\x01 \x01(\t\x12\x11\n\tdecode_id\x18\x02 \x01(\t\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x13\n\x0b\x62ytes_per_s\x18\x04 \x01(\x01\x12\x11\n\ttransfers\x18\x05 \x01(\x04\"\x81\x02\n\x0b\x43lusterInfo\x12*\n\x07workers\x18\x01 \x03(\x0b\x32\x19.pagewire.v1.WorkerStatus\x12\x1e\n\x16prefix_index_available\x18\x02 \x01(\x08\x12\"\n\x05links\x18\x03 \x03(\x0b\x32\x13.pagewire.v1.KVLink\x12I\n\x11prefill_decisions\x18\x04 \x03(\x0b\x32..pagewire.v1.ClusterInfo.PrefillDecisionsEntry\x1a\x37\n\x15PrefillDecisionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xcf\x01\n\x06Router\x12@\n\x08Generate\x12\x19.pagewire.v1.RouteRequest\x1a\x17.pagewire.v1.TokenBatch0\x01\x12>\n\x05\x41\x62ort\x12\x19.pagewire.v1.AbortRequest\x1a\x1a.pagewire.v1.AbortResponse\x12\x43\n\nGetCluster\x12\x1b.pagewire.v1.ClusterRequest\x1a\x18.pagewire.v1.ClusterInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pagewire/v1/router.proto\x12\x0bpagewire.v1\x1a\x18pagewire/v1/common.proto\"\x80\x01\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.pagewire.v1.SamplingOptions\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\"\x10\n\x0e\x43lusterRequest\"\xdf\x02\n\x0cWorkerStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x06 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\r\x12\x0e\n\x06served\x18\x08 \x01(\x04\x12\x1c\n\x14prefill_tokens_per_s\x18\t \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x15\n\rkv_transports\x18\x0b \x03(\t\x12\x17\n\x0fspec_num_drafts\x18\x0c \x01(\x04\x12\x1d\n\x15spec_num_draft_tokens\x18\r \x01(\x04\x12 \n\x18spec_num_accepted_tokens\x18\x0e \x01(\x04\x12\"\n\x1aspec_accepted_per_position\x18\x0f \x03(\x04\"j\n\x06KVLink\x12\x12\n\nprefill_id\x18\x01 \x01(\t\x12\x11\n\tdecode_id\x18\x02 \x01(\t\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x13\n\x0b\x62ytes_per_s\x18\x04 \x01(\x01\x12\x11\n\ttransfers\x18\x05 \x01(\x04\"\x81\x02\n\x0b\x43lusterInfo\x12*\n\x07workers\x18\x01 \x03(\x0b\x32\x19.pagewire.v1.WorkerStatus\x12\x1e\n\x16prefix_index_available\x18\x02 \x01(\x08\x12\"\n\x05links\x18\x03 \x03(\x0b\x32\x13.pagewire.v1.KVLink\x12I\n\x11prefill_decisions\x18\x04 \x03(\x0b\x32..pagewire.v1.ClusterInfo.PrefillDecisionsEntry\x1a\x37\n\x15PrefillDecisionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xcf\x01\n\x06Router\x12@\n\x08Generate\x12\x19.pagewire.v1.RouteRequest\x1a\x17.pagewire.v1.TokenBatch0\x01\x12>\n\x05\x41\x62ort\x12\x19.pagewire.v1.AbortRequest\x1a\x1a.pagewire.v1.AbortResponse\x12\x43\n\nGetCluster\x12\x1b.pagewire.v1.ClusterRequest\x1a\x18.pagewire.v1.ClusterInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,13 +39,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLUSTERREQUEST']._serialized_start=198
   _globals['_CLUSTERREQUEST']._serialized_end=214
   _globals['_WORKERSTATUS']._serialized_start=217
-  _globals['_WORKERSTATUS']._serialized_end=442
-  _globals['_KVLINK']._serialized_start=444
-  _globals['_KVLINK']._serialized_end=550
-  _globals['_CLUSTERINFO']._serialized_start=553
-  _globals['_CLUSTERINFO']._serialized_end=810
-  _globals['_CLUSTERINFO_PREFILLDECISIONSENTRY']._serialized_start=755
-  _globals['_CLUSTERINFO_PREFILLDECISIONSENTRY']._serialized_end=810
-  _globals['_ROUTER']._serialized_start=813
-  _globals['_ROUTER']._serialized_end=1020
+  _globals['_WORKERSTATUS']._serialized_end=568
+  _globals['_KVLINK']._serialized_start=570
+  _globals['_KVLINK']._serialized_end=676
+  _globals['_CLUSTERINFO']._serialized_start=679
+  _globals['_CLUSTERINFO']._serialized_end=936
+  _globals['_CLUSTERINFO_PREFILLDECISIONSENTRY']._serialized_start=881
+  _globals['_CLUSTERINFO_PREFILLDECISIONSENTRY']._serialized_end=936
+  _globals['_ROUTER']._serialized_start=939
+  _globals['_ROUTER']._serialized_end=1146
 # @@protoc_insertion_point(module_scope)

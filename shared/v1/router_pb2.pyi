@@ -24,7 +24,7 @@ class ClusterRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("id", "role", "address", "running", "waiting", "kv_blocks_free", "kv_blocks_total", "served", "prefill_tokens_per_s", "device", "kv_transports")
+    __slots__ = ("id", "role", "address", "running", "waiting", "kv_blocks_free", "kv_blocks_total", "served", "prefill_tokens_per_s", "device", "kv_transports", "spec_num_drafts", "spec_num_draft_tokens", "spec_num_accepted_tokens", "spec_accepted_per_position")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,10 @@ class WorkerStatus(_message.Message):
     PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_NUM_DRAFTS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_NUM_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_NUM_ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_ACCEPTED_PER_POSITION_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: str
     address: str
@@ -47,7 +51,11 @@ class WorkerStatus(_message.Message):
     prefill_tokens_per_s: float
     device: str
     kv_transports: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., served: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., device: _Optional[str] = ..., kv_transports: _Optional[_Iterable[str]] = ...) -> None: ...
+    spec_num_drafts: int
+    spec_num_draft_tokens: int
+    spec_num_accepted_tokens: int
+    spec_accepted_per_position: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., served: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., device: _Optional[str] = ..., kv_transports: _Optional[_Iterable[str]] = ..., spec_num_drafts: _Optional[int] = ..., spec_num_draft_tokens: _Optional[int] = ..., spec_num_accepted_tokens: _Optional[int] = ..., spec_accepted_per_position: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KVLink(_message.Message):
     __slots__ = ("prefill_id", "decode_id", "transport", "bytes_per_s", "transfers")

@@ -387,3 +387,16 @@ BlockManagerMachine.TestCase.settings = settings(
     max_examples=150, stateful_step_count=50, deadline=None
 )
 test_block_manager_state_machine = BlockManagerMachine.TestCase
+
+
+def test_trim_gives_back_the_blocks_of_rejected_drafts():
+    manager = BlockManager(num_blocks=8, block_size=4)
+    table: list[int] = []
+    assert manager.allocate(table, 13)  # 9 known tokens + 4 drafts: 4 blocks
+    manager.trim(table, 10)  # 1 draft accepted, the bonus token after it: 3 blocks
+    assert len(table) == 3 and manager.num_free_blocks == 5
+    manager.trim(table, 10)  # nothing beyond: no change
+    assert len(table) == 3
+    manager.free(table)
+    manager.check_invariants()
+    assert manager.num_free_blocks == 8

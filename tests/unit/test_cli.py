@@ -29,7 +29,8 @@ def test_up_pins_each_worker_to_a_gpu_and_passes_benchmark_flags():
     args = launcher.build_parser().parse_args(
         ["--prefill", "1", "--decode", "1", "--worker-gpus", "0,1", "--load-format", "dummy",
          "--kv-cache-bytes", "0"])
-    assert launcher._worker_flags(args) == ["--load-format", "dummy"]  # 0: the worker's default
+    # 0: the worker's default
+    assert launcher._worker_flags(args, "decode") == ["--load-format", "dummy"]
     gpus = [launcher._worker_env(args, index)["CUDA_VISIBLE_DEVICES"] for index in range(3)]
     assert gpus == ["0", "1", "0"]
     assert launcher._worker_env(launcher.build_parser().parse_args([]), 0) is None
@@ -50,9 +51,26 @@ def test_fp8_kv_cache_reaches_every_worker(monkeypatch):
     from pagewire.services.worker.server import parse_args
 
     args = launcher.build_parser().parse_args(["--kv-cache-dtype", "fp8"])
-    assert launcher._worker_flags(args) == ["--kv-cache-dtype", "fp8"]
+    assert launcher._worker_flags(args, "prefill") == ["--kv-cache-dtype", "fp8"]
     assert parse_args(["--kv-cache-dtype", "fp8"]).engine.kv_cache_dtype == "fp8"
     monkeypatch.setenv("PAGEWIRE_KV_CACHE_DTYPE", "fp8")
     assert parse_args([]).engine.kv_cache_dtype == "fp8"
     with pytest.raises(SystemExit):
         parse_args(["--kv-cache-dtype", "int4"])
+
+
+def test_speculative_config_reaches_decode_and_colocated_workers(monkeypatch):
+    from pagewire import launcher
+    from pagewire.services.worker.server import parse_args
+
+    spec = '{"method": "ngram", "num_speculative_tokens": 3}'
+    args = launcher.build_parser().parse_args(["--speculative-config", spec])
+    assert launcher._worker_flags(args, "decode") == ["--speculative-config", spec]
+    assert launcher._worker_flags(args, "both") == ["--speculative-config", spec]
+    assert launcher._worker_flags(args, "prefill") == []  # one token: nothing to speculate
+    assert parse_args(["--speculative-config", spec]).engine.speculative_config.\
+        num_speculative_tokens == 3
+    monkeypatch.setenv("PAGEWIRE_SPECULATIVE_CONFIG", spec)
+    assert parse_args([]).engine.speculative_config.method == "ngram"
+    with pytest.raises(ValueError, match="speculative method"):
+        parse_args(["--speculative-config", '{"method": "medusa", "num_speculative_tokens": 2}'])

@@ -1,0 +1,24 @@
+# Issue 16 on one GPU: n-gram speculation against plain decoding on the embedded model's real
+# weights in bf16 (random weights accept nothing), side by side on one engine.
+#
+# The embedded GGUF (94 MB) does not fit one device call's 64 MiB carry, so it travels in two
+# halves on two calls to the same warm machine (ignored folders stay there between calls):
+#   call 1: carry .gguf-a (its first 50 MiB), command `true`;
+#   call 2: carry .gguf-b (the rest, and the gguf wheel transformers reads it with) and SNAPSHOT,
+#           command `bash loadtests/gpu_spec_decode.sh`.
+# Make the halves with: head -c 52428800 FILE > .gguf-a/part-a; tail -c +52428801 FILE >
+# .gguf-b/part-b (FILE: pagewire.model.model_source.embedded_gguf_path()).
+set -euo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" /tmp/smol /tmp/site
+cat .gguf-a/part-a .gguf-b/part-b > /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gguf-b/*.whl
+export PYTHONPATH=/tmp/site OFFLINE_ONLY=1
+# shellcheck disable=SC1091
+source loadtests/gpu_setup.sh
+model=/tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
+# Speculation forced on at every size (where does it stop paying?), then as users get it.
+python3 loadtests/spec_decode_bench.py --model "$model" --dtype bfloat16 --force \
+  --batch-sizes 1,2,4,8,16,32,64 --json "$OUT/spec-decode-force.json" 2>&1 | tee "$OUT/spec.log"
+python3 loadtests/spec_decode_bench.py --model "$model" --dtype bfloat16 \
+  --batch-sizes 1,256 --json "$OUT/spec-decode-default.json" 2>&1 | tee -a "$OUT/spec.log"
