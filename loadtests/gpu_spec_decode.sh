@@ -17,8 +17,12 @@ export PYTHONPATH=/tmp/site OFFLINE_ONLY=1
 # shellcheck disable=SC1091
 source loadtests/gpu_setup.sh
 model=/tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
-# Speculation forced on at every size (where does it stop paying?), then as users get it.
-python3 loadtests/spec_decode_bench.py --model "$model" --dtype bfloat16 --force \
-  --batch-sizes 1,2,4,8,16,32,64 --json "$OUT/spec-decode-force.json" 2>&1 | tee "$OUT/spec.log"
+# Speculation forced on at every size (where does it stop paying?) with a host profile of
+# batch 1, then float32 (are greedy answers equal where rounding cannot differ?), then the
+# engine's threshold, as users get it.
+python3 loadtests/spec_decode_bench.py --model "$model" --dtype bfloat16 --force --profile \
+  --batch-sizes 1,2,4,8,16,32 --json "$OUT/spec-decode-force.json" 2>&1 | tee "$OUT/spec.log"
+python3 loadtests/spec_decode_bench.py --model "$model" --dtype float32 --force --rounds 1 \
+  --batch-sizes 1,8 --json "$OUT/spec-decode-fp32.json" 2>&1 | tee -a "$OUT/spec.log"
 python3 loadtests/spec_decode_bench.py --model "$model" --dtype bfloat16 \
   --batch-sizes 1,256 --json "$OUT/spec-decode-default.json" 2>&1 | tee -a "$OUT/spec.log"

@@ -1,6 +1,6 @@
 """Speculative decoding's speedup, side by side on one engine: output tokens/s of greedy
 decoding with and without speculation, in turns, on prompts whose answers repeat them (a code
-edit, a summary that quotes its text), over a sweep of batch sizes (issue 16: n-gram at least
+edits, quotes from a text), over a sweep of batch sizes (issue 16: n-gram at least
 1.5x at batch 1; at batch 256 on a GPU no more than 3% slower than without it).
 
 One engine serves both modes (the speculator is switched off for the baseline), so weights,
@@ -16,7 +16,9 @@ the engine's threshold applies, as users get it.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -46,12 +48,18 @@ TEXT = ("The committee met on Tuesday. After a long debate, it decided that the 
         "the old reading room will become a space for children. The chair said: \"We want the "
         "library to be the living room of the town, open late and open to all.\" The budget "
         "of two million will come from the town and from a regional grant.")
+# Edits and quotes whose answers the embedded model does write out again (measured: the n-gram
+# drafts of these are accepted 59-84% of the time at temperature 0); a request to summarise or
+# rename in prose was answered in new words (36% accepted), which no lookup can predict.
 PROMPTS = [
-    "Rename the function total_by_customer to sum_by_customer everywhere in this code and "
-    "return the whole code:\n\n" + CODE,
-    "Add a docstring to each function of this code and return the whole code:\n\n" + CODE,
-    "Summarise this text in two sentences, quoting the chair's words exactly:\n\n" + TEXT,
-    "Copy the text below, then list its three decisions:\n\n" + TEXT,
+    "Here is a Python file. Change the name of the variable `orders` to `sales` and write out "
+    "the whole file again:\n\n" + CODE,
+    "Here is a Python file. Add the comment `# Orders report` as its first line and write out "
+    "the whole file again:\n\n" + CODE,
+    "Here is a Python file. Rename the function `biggest_customer` to `top_customer` and write "
+    "out the whole file again:\n\n" + CODE,
+    "Quote the chair's words from this text exactly, then quote the sentence about the "
+    "budget:\n\n" + TEXT,
 ]
 
 
@@ -75,6 +83,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--force", action="store_true",
                         help="speculate at every batch size (ignore the engine's threshold)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the sweep, cProfile batch 1 in both modes (host time)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     from pagewire import LLM
@@ -126,6 +136,16 @@ def main() -> int:
               f"{ngram / plain:5.2f}x  acceptance {row['acceptance_rate']:.0%}  "
               f"{row['accepted_per_verify']:.2f} accepted per verify  "
               f"{row['same_answers']}/{len(answers['plain'])} answers equal", flush=True)
+    if args.profile:
+        for mode in ("plain", "ngram"):
+            engine.speculator = speculator if mode == "ngram" else None
+            profile = cProfile.Profile()
+            profile.enable()
+            for prompt in chats:
+                run(llm, [prompt], args.max_tokens)
+            profile.disable()
+            print(f"---- {mode}, batch 1: host time by function")
+            pstats.Stats(profile).sort_stats("tottime").print_stats(18)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
