@@ -22,6 +22,8 @@ model=/tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
 # engine's threshold, as users get it.
 python3 loadtests/spec_decode_bench.py --model "$model" --dtype bfloat16 --force --profile \
   --batch-sizes 1,2,4,8,16,32 --json "$OUT/spec-decode-force.json" 2>&1 | tee "$OUT/spec.log"
+python3 loadtests/spec_decode_bench.py --model "$model" --dtype bfloat16 --force --k 8 \
+  --batch-sizes 1,4 --json "$OUT/spec-decode-k8.json" 2>&1 | tee -a "$OUT/spec.log"
 python3 loadtests/spec_decode_bench.py --model "$model" --dtype float32 --force --rounds 1 \
   --batch-sizes 1,8 --json "$OUT/spec-decode-fp32.json" 2>&1 | tee -a "$OUT/spec.log"
 python3 loadtests/spec_decode_bench.py --model "$model" --dtype bfloat16 \
