@@ -22,9 +22,11 @@ from pagewire.spec_decode.config import SpeculativeConfig
 from pagewire.spec_decode.draft_model import DraftModelProposer
 from pagewire.spec_decode.ngram import NgramProposer
 
-# Measured in loadtests/RESULTS.md (spec decode, batch sweep): above these batch sizes n-gram
-# speculation no longer paid for itself.
-DISABLE_BY_BATCH_SIZE = {"cpu": 4, "cuda": 32}
+# Measured with the embedded model (loadtests/RESULTS.md, issue 16's batch sweeps): on an H100
+# n-gram speculation gained 1.14x at batch 4 and broke even at 8 (a verify step cannot overlap
+# the host's work as plain async decoding does); on CPU it still gained 1.27x at 8. A bigger
+# target model keeps paying at bigger batches: set disable_by_batch_size for it.
+DISABLE_BY_BATCH_SIZE = {"cpu": 8, "cuda": 4}
 
 
 def disable_batch_size(config: SpeculativeConfig, device: str) -> int:
@@ -58,14 +60,18 @@ class Speculator:
         self.draft = draft
         self.ngram = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         self.stats = SpecDecodeStats(accepted_per_position=[0] * self.k)
+        self._drafted = False  # some sequence may hold drafts from the last proposal
 
     def propose(self, running: list[Sequence]) -> bool:
         """Sets spec_token_ids on the sequences that speculate this step; True if this step
         speculates at all (its tokens must then reach the host before the next step)."""
-        for seq in running:  # drafts a sequence kept from a step that skipped it are stale
-            seq.spec_token_ids, seq.spec_draft_probs = [], None
+        if self._drafted:  # drafts a sequence kept from a step that skipped it are stale
+            for seq in running:
+                seq.spec_token_ids, seq.spec_draft_probs = [], None
+            self._drafted = False
         if not 0 < len(running) <= self.disable_by_batch_size:
-            return False
+            return False  # a big batch pays nothing per step for speculation being on
+        self._drafted = True
         chosen = [seq for seq in running if self._eligible(seq)]
         # The token after the drafts needs a place within max_tokens too.
         room = [min(self.k, seq.max_num_tokens - seq.num_tokens - 1) for seq in chosen]
