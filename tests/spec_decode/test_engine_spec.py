@@ -125,3 +125,23 @@ def test_a_bad_speculative_config_is_a_clear_error():
         make_llm(speculative_config={"method": "eagle", "num_speculative_tokens": 2})
     with pytest.raises(ValueError, match="unknown speculative config keys"):
         make_llm(speculative_config={"method": "ngram", "num_speculative_tokens": 2, "k": 1})
+
+
+def test_penalties_and_grammars_decode_as_without_speculation(plain_llm, spec_llm):
+    """Sequences the verifier cannot replay per position (penalties, a grammar) decode one token
+    a step beside speculating ones, so their output is what it is without speculation."""
+    from pagewire import StructuredOutputsParams
+
+    prompts = prompts_of(plain_llm)
+    penalised = SamplingParams(temperature=0, max_tokens=40, repetition_penalty=1.3,
+                               frequency_penalty=0.5)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10}},
+              "required": ["name"]}
+    constrained = SamplingParams(temperature=0, max_tokens=40,
+                                 structured_outputs=StructuredOutputsParams(json=schema))
+    mixed = [penalised, constrained, GREEDY, GREEDY]
+    before = spec_llm.engine.speculator.stats.num_drafts
+    spec = spec_llm.generate(prompts, mixed)
+    assert spec_llm.engine.speculator.stats.num_drafts > before  # the greedy two speculated
+    assert token_ids(spec) == token_ids(plain_llm.generate(prompts, mixed))
+    assert spec[1].outputs[0].text.startswith('{"name": "')
