@@ -88,6 +88,8 @@ def main() -> int:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="default: the engine's offline budget (16384 on a large GPU)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
+    parser.add_argument("--quantization", default=None, choices=("fp8",),
+                        help="weights quantized at load")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="pagewire's share of the GPU (leave room for transformers)")
@@ -113,7 +115,7 @@ def main() -> int:
               device=args.device, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, kernels=args.kernels,
-              kv_cache_dtype=args.kv_cache_dtype,
+              kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
               gpu_memory_utilization=args.gpu_memory_utilization,
               async_scheduling={"on": True, "off": False}.get(args.async_scheduling),
               show_progress=False)
@@ -155,6 +157,11 @@ def main() -> int:
         "command": " ".join(sys.argv),
         "model": llm.engine.source.name, "dtype": str(llm.engine.config.torch_dtype),
         "kv_cache_dtype": str(llm.engine.config.kv_torch_dtype),
+        "quantization": args.quantization,
+        # What the weights take on the device (fp8: projections in one byte per weight).
+        "weights_gib": sum(t.numel() * t.element_size() for t in
+                           [*llm.engine.runner.model.parameters(),
+                            *llm.engine.runner.model.buffers()]) / 2**30,
         "max_num_seqs": llm.engine.config.seq_limit,
         "max_num_batched_tokens": llm.engine.config.token_budget,
         "kernels": "triton" if llm.engine.config.use_triton else "torch",

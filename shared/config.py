@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pagewire.model.quantization import check_method as check_quantization
 from pagewire.spec_decode.config import SpeculativeConfig
 
 _DTYPES = {
@@ -98,6 +99,9 @@ class EngineConfig:
     """CPU only: keep the KV cache in a file of this tmpfs folder (mapped shared), so a prefill
     worker on the same host can write a prompt's KV straight into it (the shm KV transport).
     A folder without room for it leaves the cache in private memory."""
+    quantization: str | None = None
+    """Weights quantized at load, vLLM's names: fp8 (per-channel weight scales, per-token
+    activation scales; fp8 GEMMs on Ada/Hopper GPUs). None: the model's dtype."""
     speculative_config: SpeculativeConfig | dict | str | None = None
     """Speculative decoding, vLLM's dict (or its JSON): {"method": "ngram",
     "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}. Kept as a
@@ -127,6 +131,9 @@ class EngineConfig:
             raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
         if self.usage not in USAGES:
             raise ValueError(f"usage must be one of {USAGES}, got {self.usage!r}")
+        if self.quantization == "":
+            object.__setattr__(self, "quantization", None)
+        check_quantization(self.quantization)
         object.__setattr__(self, "speculative_config",
                            SpeculativeConfig.parse(self.speculative_config))
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     # pagewire.config.KV_CACHE_DTYPES, spelt out: the launcher imports no torch
     parser.add_argument("--kv-cache-dtype", default=None, choices=("auto", "fp8", "fp8_e4m3"),
                         help="workers' KV cache: fp8 halves its bytes per token (lossy)")
+    # pagewire.model.quantization.METHODS, spelt out: the launcher imports no torch
+    parser.add_argument("--quantization", default=None, choices=("fp8",),
+                        help="workers quantize their weights at load (fp8)")
     parser.add_argument("--speculative-config", default=None, metavar="JSON",
                         help='decode and colocated workers speculate: {"method": "ngram", '
                              '"num_speculative_tokens": 4}, vLLM\'s keys')
@@ -245,6 +248,7 @@ def _worker_flags(args, role: str) -> list[str]:
                         ("--max-model-len", args.max_model_len),
                         ("--kv-cache-dtype", args.kv_cache_dtype),
                         ("--kv-transports", args.kv_transports),
+                        ("--quantization", args.quantization),
                         ("--speculative-config", speculative)):
         if value is not None:
             flags += [flag, str(value)]

@@ -72,6 +72,7 @@ class WorkerConfig:
                               max_model_len=number("PAGEWIRE_MAX_MODEL_LEN", None),
                               kv_cache_dtype=environ.get("PAGEWIRE_KV_CACHE_DTYPE") or "auto",
                               speculative_config=environ.get("PAGEWIRE_SPECULATIVE_CONFIG"),
+                              quantization=environ.get("PAGEWIRE_QUANTIZATION") or None,
                               show_progress=False)
         return cls(role=environ.get("PAGEWIRE_WORKER_ROLE", "both"),
                    host=environ.get("PAGEWIRE_WORKER_HOST", "127.0.0.1"),

@@ -26,6 +26,7 @@ from pagewire.kv_transport import KV_TRANSPORTS
 from pagewire.kv_transport.mapped_cache import BlockStreamer
 from pagewire.kv_transport.nixl_agent import NixlEndpoint, nixl_available
 from pagewire.kv_transport.shared_memory import SharedMemoryFolder
+from pagewire.model.quantization import METHODS as QUANTIZATION_METHODS
 from pagewire.services.grpc_errors import (
     Aborted,
     FailedPrecondition,
@@ -387,6 +388,9 @@ def parse_args(argv: Sequence[str] | None) -> WorkerConfig:
                         choices=tuple(KV_CACHE_DTYPES),
                         help="fp8: half the KV bytes per token, lossy; workers that exchange "
                              "KV must agree (env PAGEWIRE_KV_CACHE_DTYPE)")
+    parser.add_argument("--quantization", default=defaults.engine.quantization,
+                        choices=QUANTIZATION_METHODS,
+                        help="quantize the weights at load: fp8 (env PAGEWIRE_QUANTIZATION)")
     parser.add_argument("--speculative-config", default=defaults.engine.speculative_config,
                         help='speculative decoding, as JSON: {"method": "ngram", '
                              '"num_speculative_tokens": 4} or {"method": "draft_model", '
@@ -411,7 +415,8 @@ def parse_args(argv: Sequence[str] | None) -> WorkerConfig:
                                  kv_cache_memory_bytes=args.kv_cache_bytes,
                                  max_model_len=args.max_model_len,
                                  kv_cache_dtype=args.kv_cache_dtype,
-                                 speculative_config=args.speculative_config)
+                                 speculative_config=args.speculative_config,
+                                 quantization=args.quantization)
     return WorkerConfig(role=args.role, host=args.host, port=args.port,
                         worker_id=args.worker_id, engine=engine, redis_url=args.redis_url,
                         redis_namespace=args.redis_namespace, advertise_address=args.advertise,

@@ -26,6 +26,7 @@ from pagewire.model.attention import build_attention_metadata
 from pagewire.model.cpu_kernels import paged_decode_attention_op
 from pagewire.model.llama import LlamaForCausalLM, ModelSpec
 from pagewire.model.model_source import ModelSource
+from pagewire.model.quantization import quantize_model, refuse_prequantized
 from pagewire.model.weights import init_dummy_weights, iter_safetensors, load_weights
 from pagewire.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata
 from pagewire.spec_decode.draft_model import DraftModelProposer
@@ -86,6 +87,7 @@ class ModelRunner:
         self.dtype = config.torch_dtype
         self.kv_dtype = config.kv_torch_dtype
         hf_config = AutoConfig.from_pretrained(source.model_dir)
+        refuse_prequantized(hf_config)
         self.spec = ModelSpec.from_hf_config(hf_config)
         self.model = self._load_model(source)
         speculative = config.speculative_config
@@ -364,6 +366,8 @@ def load_model(spec: ModelSpec, source: ModelSource, config: EngineConfig,
         init_dummy_weights(model, config.seed)
     else:
         load_weights(model, iter_safetensors(source.model_dir))
+    if config.quantization is not None:
+        quantize_model(model, config.quantization)
     if device.type == "cpu" and dtype == torch.float32:
         model.pack_for_cpu()
         paged_decode_attention_op()  # compile (once per machine) before the first step

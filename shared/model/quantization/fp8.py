@@ -1,0 +1,66 @@
+"""`fp8`: weights quantized at load to float8 e4m3 with one scale per output channel, and
+activations quantized per token at run time (dynamic scales), as vLLM's online fp8 does.
+
+On a GPU with fp8 tensor cores (compute capability 8.9+: Ada, Hopper) the GEMM is
+`torch._scaled_mm` with row-wise scales: fp8 x fp8 at twice bf16's rate, reading half the weight
+bytes. Elsewhere (CPU, older GPUs) the same quantized values are dequantized and multiplied in
+float32: the same numbers, so a CPU test checks what the GPU computes, at float32 speed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+MIN_SCALE = 1e-12  # an all-zero row or token keeps a finite scale
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, k] -> (fp8 values [rows, k], float32 scales [rows, 1]): x ~= values * scales."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=MIN_SCALE) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+@functools.cache
+def _has_fp8_gemm(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class Fp8Linear(nn.Module):
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor,
+                 bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)  # [out, in] float8_e4m3fn
+        self.register_buffer("weight_scale", weight_scale)  # [out] float32
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
+        weight, scale = quantize_rows(linear.weight.data)
+        bias = None if linear.bias is None else linear.bias.data
+        return cls(weight, scale.view(-1), bias)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight this layer computes with (tests' reference)."""
+        return self.weight.float() * self.weight_scale.view(-1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        x_q, x_scale = quantize_rows(x2)
+        if _has_fp8_gemm(x.device):
+            # Row-wise scales: [tokens, 1] and [1, out]; the weight's transpose is column-major,
+            # the layout the fp8 GEMM wants.
+            out = torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale,
+                                   scale_b=self.weight_scale.view(1, -1), out_dtype=x.dtype)
+        else:
+            out = ((x_q.float() * x_scale) @ self.dequantized_weight().t()).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], self.out_features)

@@ -1,0 +1,97 @@
+"""Weights quantized at load (`quantization="fp8"`) on CPU, where the fp8 values are dequantized
+and multiplied in float32 (the numbers the GPU's fp8 GEMM multiplies): the layer against the
+unquantized one on random inputs, the model's logits against float32, the embedded model's
+greedy tokens against float32 (agreement stated), and the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from pagewire import LLM, SamplingParams
+from pagewire.model.layers import Linear
+from pagewire.model.quantization import quantize_model
+from pagewire.model.quantization.fp8 import FP8, FP8_MAX, Fp8Linear, quantize_rows
+from tests.engine.helpers import make_llm
+
+
+def test_rows_scale_to_the_fp8_range_and_zero_rows_stay_finite():
+    x = torch.randn(5, 64) * torch.tensor([1e-3, 1.0, 30.0, 1e3, 0.0]).view(5, 1)
+    values, scales = quantize_rows(x)
+    assert values.dtype == FP8 and scales.shape == (5, 1)
+    assert torch.isfinite(values.float()).all() and torch.isfinite(scales).all()
+    peaks = values.float().abs().amax(dim=1)
+    assert torch.allclose(peaks[:4], torch.full((4,), FP8_MAX))  # each row's largest -> 448
+    assert peaks[4] == 0
+    # e4m3 keeps 3 mantissa bits: every element within half a step (2^-4 relative).
+    restored = values.float() * scales
+    assert ((restored - x).abs() <= x.abs() * 2 ** -4 + 1e-30).all()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_linear_against_the_float32_layer(bias):
+    torch.manual_seed(0)
+    dense = Linear(256, 128, bias=bias)
+    layer = Fp8Linear.from_linear(dense)
+    assert layer.weight.dtype == FP8 and layer.weight.element_size() == 1
+    x = torch.randn(3, 7, 256)
+    got, want = layer(x), dense(x)
+    assert got.shape == want.shape == (3, 7, 128)
+    # Weights and activations each within 2^-4 per element; over 256 products the errors
+    # average out to a few percent of the output's norm.
+    assert (got - want).norm() / want.norm() < 0.05
+    # Exactly the dequantize-then-float32 reference.
+    x_q, x_scale = quantize_rows(x.reshape(-1, 256))
+    ref = (x_q.float() * x_scale) @ layer.dequantized_weight().t()
+    if bias:
+        ref = ref + dense.bias
+    torch.testing.assert_close(got.reshape(-1, 128), ref)
+
+
+def test_quantize_model_swaps_the_projections_and_keeps_the_head(tmp_path):
+    from pagewire.model.llama import LlamaForCausalLM, ModelSpec
+
+    spec = ModelSpec.from_hf_config(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100, tie_word_embeddings=False))
+    model = LlamaForCausalLM(spec)
+    quantize_model(model, "fp8")
+    layers = {name: type(m).__name__ for name, m in model.named_modules()
+              if name.endswith(("proj", "lm_head"))}
+    assert layers["lm_head"] == "Linear"
+    assert {kind for name, kind in layers.items() if name != "lm_head"} == {"Fp8Linear"}
+    assert len(layers) == 1 + 2 * 4
+
+
+def test_embedded_model_in_fp8_against_float32(llm):
+    fp8 = make_llm(quantization="fp8")
+    prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
+    # Logits of one prompt: within a few percent of float32's.
+    ids = llm.get_tokenizer().encode(prompts[0])
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
+    a = llm.generate({"prompt_token_ids": ids}, params)[0].outputs[0]
+    b = fp8.generate({"prompt_token_ids": ids}, params)[0].outputs[0]
+    first_a, first_b = a.logprobs[0], b.logprobs[0]
+    assert next(iter(first_a)) == next(iter(first_b))  # the same first choice
+    for token in set(first_a) & set(first_b):
+        assert first_b[token].logprob == pytest.approx(first_a[token].logprob, abs=0.35)
+    # Greedy tokens: the share of positions equal before the first difference, per prompt.
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    outs_a = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
+    outs_b = [o.outputs[0].token_ids for o in fp8.generate(prompts, greedy)]
+    common = [next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), len(p))
+              for p, q in zip(outs_a, outs_b)]
+    print("fp8 greedy prefix agreement with float32:", common, "of 24")
+    assert min(common) >= 4
+
+
+def test_bad_and_prequantized_configs_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        LLM(quantization="int3", show_progress=False)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
+    config.quantization_config = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="pre-quantized .'gptq'."):
+        LLM(model=str(tmp_path), load_format="dummy", show_progress=False)
