@@ -28,7 +28,8 @@ class SteppingEngine:
     def __init__(self) -> None:
         self.engine = SimpleNamespace(source=SimpleNamespace(name="m"),
                                       block_manager=FakeBlocks(),
-                                      scheduler=SimpleNamespace(running=[], waiting=[]))
+                                      scheduler=SimpleNamespace(running=[], waiting=[]),
+                                      speculator=None)
         self.idle = asyncio.Event()
         self.idle.set()
 

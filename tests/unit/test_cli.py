@@ -74,3 +74,16 @@ def test_speculative_config_reaches_decode_and_colocated_workers(monkeypatch):
     assert parse_args([]).engine.speculative_config.method == "ngram"
     with pytest.raises(ValueError, match="speculative method"):
         parse_args(["--speculative-config", '{"method": "medusa", "num_speculative_tokens": 2}'])
+
+
+def test_quantization_reaches_every_worker(monkeypatch):
+    from pagewire import launcher
+    from pagewire.services.worker.server import parse_args
+
+    args = launcher.build_parser().parse_args(["--quantization", "fp8"])
+    assert launcher._worker_flags(args, "prefill") == ["--quantization", "fp8"]
+    assert parse_args(["--quantization", "fp8"]).engine.quantization == "fp8"
+    monkeypatch.setenv("PAGEWIRE_QUANTIZATION", "fp8")
+    assert parse_args([]).engine.quantization == "fp8"
+    with pytest.raises(SystemExit):
+        parse_args(["--quantization", "int3"])
