@@ -131,7 +131,8 @@ class Checker:
 def run_checks(c: Checker, under_sanitizer: bool = False) -> None:
     """Each check on its own: one kernel failing to compile or run does not hide the others."""
     checks = [check_kv_cache_write, check_rms_norm, check_rotary_embedding, check_silu_and_mul,
-              check_decode, check_prefill, check_backend, check_fp8_kv_cache]
+              check_decode, check_prefill, check_backend, check_fp8_kv_cache,
+              check_fp8_quant]
     if not under_sanitizer:  # cuBLAS is not ours to check; capture needs the caching allocator
         checks.append(check_model)
         if c.device == "cuda":
@@ -211,6 +212,22 @@ def check_silu_and_mul(c: Checker) -> None:
     _poison_allocator(gate_up[:, : s.intermediate])
     c.record("silu_and_mul", silu_and_mul(gate_up), silu_and_mul_reference(gate_up.float()),
              s.bound)
+
+
+def check_fp8_quant(c: Checker) -> None:
+    """Per-token fp8 activations (quantization="fp8"): bit-exact with the torch reference on a
+    GPU (rel bound 0), scales and values both. Triton's CPU interpreter slips on some fp8
+    roundings (tests/kernels/test_fp8_quant.py names them: one lands 128 on 64), so the smoke
+    run allows 0.1."""
+    from pagewire.kernels.fp8_quant import per_token_fp8, per_token_fp8_reference
+
+    s, T = c.s, c.s.num_tokens
+    x = c.randn(T, s.intermediate, scale=3.0)
+    values, scales = per_token_fp8(x)
+    want_values, want_scales = per_token_fp8_reference(x)
+    bound = 0.0 if c.device == "cuda" else 0.1
+    c.record("fp8_quant scales", scales, want_scales, 0.0)
+    c.record("fp8_quant values", values.float(), want_values.float(), bound)
 
 
 def check_decode(c: Checker) -> None:

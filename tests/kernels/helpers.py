@@ -70,3 +70,14 @@ def random_block_tables(gen: torch.Generator, seq_lens: list[int], block_size: i
     perm = torch.randperm(num_blocks, generator=gen)
     assert width * len(seq_lens) <= num_blocks
     return perm[: width * len(seq_lens)].view(len(seq_lens), width).to(torch.int32)
+
+
+def undo_interpreter_carry_bug(ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+    """Triton's CPU interpreter (3.9) rounds a value to fp8 one binade low when rounding
+    carries into the next power of two (127.9 becomes 64, not 128); the GPU converts right
+    (loadtests/gpu_kernels_check.py checks exactness there). Only that exact error is
+    forgiven: half of a power of two, where the right answer is that power of two."""
+    wrong = ours != theirs
+    power_of_two = torch.log2(theirs.abs()).frac() == 0
+    assert (wrong <= (power_of_two & (ours == theirs / 2))).all(), "not the carry bug"
+    return torch.where(wrong, theirs, ours)
