@@ -100,8 +100,10 @@ class EngineConfig:
     worker on the same host can write a prompt's KV straight into it (the shm KV transport).
     A folder without room for it leaves the cache in private memory."""
     quantization: str | None = None
-    """Weights quantized at load, vLLM's names: fp8 (per-channel weight scales, per-token
-    activation scales; fp8 GEMMs on Ada/Hopper GPUs). None: the model's dtype."""
+    """vLLM's names. fp8: weights quantized at load (per-channel weight scales, per-token
+    activation scales; fp8 GEMMs on Ada/Hopper GPUs). A checkpoint's own quantization_config
+    (compressed-tensors' FP8 W8A8) is detected and loaded as stored without it. None: the
+    model's dtype."""
     speculative_config: SpeculativeConfig | dict | str | None = None
     """Speculative decoding, vLLM's dict (or its JSON): {"method": "ngram",
     "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}. Kept as a

@@ -26,7 +26,12 @@ from pagewire.model.attention import build_attention_metadata
 from pagewire.model.cpu_kernels import paged_decode_attention_op
 from pagewire.model.llama import LlamaForCausalLM, ModelSpec
 from pagewire.model.model_source import ModelSource
-from pagewire.model.quantization import quantize_model, refuse_prequantized
+from pagewire.model.quantization import (
+    CHECKPOINT_METHODS,
+    checkpoint_method,
+    prepare_for_checkpoint,
+    quantize_model,
+)
 from pagewire.model.weights import init_dummy_weights, iter_safetensors, load_weights
 from pagewire.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata
 from pagewire.spec_decode.draft_model import DraftModelProposer
@@ -87,7 +92,9 @@ class ModelRunner:
         self.dtype = config.torch_dtype
         self.kv_dtype = config.kv_torch_dtype
         hf_config = AutoConfig.from_pretrained(source.model_dir)
-        refuse_prequantized(hf_config)
+        # The checkpoint's own quantization, if any, decides how its weights load.
+        config = self.config = config.replace(
+            quantization=checkpoint_method(hf_config, config.quantization))
         self.spec = ModelSpec.from_hf_config(hf_config)
         self.model = self._load_model(source)
         speculative = config.speculative_config
@@ -362,11 +369,13 @@ def load_model(spec: ModelSpec, source: ModelSource, config: EngineConfig,
     # peak and left 32 GB cached, so two workers sharing a GPU ran out of memory.
     with torch.device(device), _default_dtype(dtype):
         model = LlamaForCausalLM(spec, config.use_triton).to(dtype)
+    if config.quantization in CHECKPOINT_METHODS:  # stored quantized: load it as it is
+        prepare_for_checkpoint(model, config.quantization)
     if (load_format or config.load_format) == "dummy":
         init_dummy_weights(model, config.seed)
     else:
         load_weights(model, iter_safetensors(source.model_dir))
-    if config.quantization is not None:
+    if config.quantization == "fp8":
         quantize_model(model, config.quantization)
     if device.type == "cpu" and dtype == torch.float32:
         model.pack_for_cpu()

@@ -46,7 +46,10 @@ def _shard_sizes(model: nn.Module, fused: str) -> list[int]:
 @torch.no_grad()
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Copies checkpoint tensors into the model; every parameter must be written exactly once."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+    # A quantized layer keeps its weight and scales as buffers: those are written too.
+    params = {name: buffer for name, buffer in model.named_buffers()
+              if name.endswith((".weight", ".weight_scale"))}
+    params.update(model.named_parameters(remove_duplicate=False))
     written: set[str] = set()
     for ckpt_name, tensor in weights:
         name = ckpt_name.removeprefix("model.")
@@ -70,6 +73,12 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
             offset = sum(sizes[:shard])
             target = param.narrow(0, offset, sizes[shard])
             name = f"{name}#{shard}"
+        if name.rsplit("#", 1)[0].endswith(".weight_scale"):
+            # A quantized checkpoint's scales: per channel [out, 1] or per tensor [1] / [];
+            # the layer keeps one per output row (a fused layer's shards each had their own).
+            tensor = tensor.float().reshape(-1)
+            if tensor.numel() == 1:
+                tensor = tensor.expand(target.shape[0])
         if target.shape != tensor.shape:
             raise ValueError(f"{ckpt_name}: shape {tuple(tensor.shape)} does not match the "
                              f"model's {tuple(target.shape)}")
@@ -83,7 +92,8 @@ def _check_all_written(model, params, written):
     for name in params:
         if name == "lm_head.weight" and model.spec.tie_word_embeddings:
             continue
-        fused = name.split(".")[-2] if name.endswith(".weight") or name.endswith(".bias") else ""
+        fused = name.split(".")[-2] if name.endswith((".weight", ".bias", ".weight_scale")) \
+            else ""
         if fused in ("qkv_proj", "gate_up_proj"):
             shards = 3 if fused == "qkv_proj" else 2
             missing += [f"{name}#{i}" for i in range(shards) if f"{name}#{i}" not in written]

@@ -23,6 +23,7 @@ from pagewire.engine.sequence import Sequence
 from pagewire.model.attention import build_attention_metadata
 from pagewire.model.llama import ModelSpec
 from pagewire.model.model_source import resolve_model
+from pagewire.model.quantization import checkpoint_method
 from pagewire.sampling.params import GREEDY_TEMPERATURE_EPS
 from pagewire.sampling.sampler import SamplingMetadata, exponential_noise, filtered_probs
 
@@ -32,7 +33,10 @@ class DraftModelProposer:
         from pagewire.engine.model_runner import load_model  # the runner imports this module
 
         source = resolve_model(model)
-        self.spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(source.model_dir))
+        hf_config = AutoConfig.from_pretrained(source.model_dir)
+        self.spec = ModelSpec.from_hf_config(hf_config)
+        # Quantized only as its own checkpoint says: the target's method is not the draft's.
+        config = config.replace(quantization=checkpoint_method(hf_config, None))
         if self.spec.vocab_size != target_spec.vocab_size:
             raise ValueError(f"the draft model's vocabulary ({self.spec.vocab_size}) is not the "
                              f"target's ({target_spec.vocab_size})")

@@ -100,3 +100,62 @@ def test_bad_and_prequantized_configs_are_refused(tmp_path):
     config.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="pre-quantized .'gptq'."):
         LLM(model=str(tmp_path), load_format="dummy", show_progress=False)
+
+
+def _compressed_tensors_pair(folder, strategy: str) -> tuple[str, str]:
+    """A small Llama saved twice: in compressed-tensors' FP8 W8A8 layout (float8 weights and
+    their scales, by channel or tensor, activations dynamic per token) and as the float32
+    weights those fp8 values and scales stand for (the dequantize-then-float32 reference)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                         max_position_embeddings=256, tie_word_embeddings=False)
+    state = AutoModelForCausalLM.from_config(config, dtype=torch.float32).state_dict()
+    stored, reference = {}, {}
+    for name, tensor in state.items():
+        if "layers." in name and name.endswith("proj.weight"):
+            amax = tensor.abs().amax(dim=1, keepdim=True) if strategy == "channel" else \
+                tensor.abs().amax().reshape(1)
+            scale = amax / 448
+            values = (tensor / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+            stored[name], stored[name + "_scale"] = values, scale.float()
+            reference[name] = values.float() * scale
+        else:
+            stored[name] = reference[name] = tensor.contiguous()
+    quantized, dense = folder / "fp8", folder / "dense"
+    config.save_pretrained(dense)
+    save_file(reference, dense / "model.safetensors")
+    config.quantization_config = {
+        "quant_method": "compressed-tensors", "format": "float-quantized",
+        "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "float", "strategy": strategy,
+                        "symmetric": True, "dynamic": False},
+            "input_activations": {"num_bits": 8, "type": "float", "strategy": "token",
+                                  "symmetric": True, "dynamic": True}}},
+        "ignore": ["lm_head"]}
+    config.save_pretrained(quantized)
+    save_file(stored, quantized / "model.safetensors")
+    return str(quantized), str(dense)
+
+
+@pytest.mark.parametrize("strategy", ["channel", "tensor"])
+def test_compressed_tensors_fp8_checkpoint_against_its_dequantized_weights(tmp_path, strategy):
+    quantized, dense = _compressed_tensors_pair(tmp_path, strategy)
+    fp8 = LLM(model=quantized, kv_cache_memory_bytes=8 << 20, show_progress=False)
+    ref = LLM(model=dense, kv_cache_memory_bytes=8 << 20, show_progress=False)
+    runner = fp8.engine.runner
+    assert runner.config.quantization == "compressed-tensors"  # detected from the checkpoint
+    qkv = runner.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, Fp8Linear) and qkv.weight.dtype == FP8
+    prompts = [{"prompt_token_ids": list(range(n, n + 12))} for n in (3, 40, 100)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
+    for a, b in zip(fp8.generate(prompts, params), ref.generate(prompts, params)):
+        # The weights are the same numbers; only the activations' per-token fp8 rounding
+        # differs from the float32 reference.
+        first_a, first_b = a.outputs[0].logprobs[0], b.outputs[0].logprobs[0]
+        for token in set(first_a) & set(first_b):
+            assert first_a[token].logprob == pytest.approx(first_b[token].logprob, abs=0.05)

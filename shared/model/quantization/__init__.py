@@ -1,11 +1,16 @@
 """Quantized linear layers: one small family behind one interface, so model files never change
-per method. After the weights load, `quantize_model` swaps every projection of the decoder
-(`Linear`: qkv, o, gate_up, down) for its method's layer, which holds the weight in the
-method's format and computes `x @ W.T (+ bias)` from it. Embeddings, norms and the LM head stay
-in the model's dtype (vLLM's default too: they are a small share of the weights and the most
-sensitive).
+per method. Every projection of the decoder (`Linear`: qkv, o, gate_up, down) becomes its
+method's layer, which holds the weight in the method's format and computes `x @ W.T (+ bias)`
+from it. Embeddings, norms and the LM head stay in the model's dtype (vLLM's default too: they
+are a small share of the weights and the most sensitive).
 
-Methods (vLLM's names): `fp8` (fp8.py) quantizes a bf16/fp16/fp32 checkpoint at load.
+Methods (vLLM's names):
+- `fp8`: a bf16/fp16/fp32 checkpoint quantized at load (`quantize_model` after the weights
+  load);
+- `compressed-tensors`, detected from the checkpoint's `quantization_config`: its W8A8 FP8
+  scheme (float8 weights with per-channel or per-tensor scales, activations per token at run
+  time), loaded as stored (`prepare_for_checkpoint` before the weights load). Its other schemes
+  (INT8, W4A16), GPTQ and AWQ are refused at start by name: no loader yet.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from torch import nn
 
 from pagewire.model.layers import Linear
 
-METHODS = ("fp8",)
+METHODS = ("fp8", "compressed-tensors")
+CHECKPOINT_METHODS = ("compressed-tensors",)  # named by a checkpoint, not chosen at load
 
 
 def check_method(method: str | None) -> None:
@@ -22,28 +28,73 @@ def check_method(method: str | None) -> None:
         raise ValueError(f"quantization must be one of {METHODS} (or None), got {method!r}")
 
 
-def refuse_prequantized(hf_config) -> None:
-    """A checkpoint already quantized (its config has a quantization_config) is refused at
-    start with its method's name, rather than loaded as garbage: its packed layouts (GPTQ, AWQ,
-    compressed-tensors, fp8 with stored scales) have no loader yet."""
+def checkpoint_method(hf_config, requested: str | None) -> str | None:
+    """The method to run: the checkpoint's own if its config has a quantization_config (checked
+    against `requested`), else `requested`. A checkpoint this engine cannot load is refused
+    here, at start, with its method's name, rather than loaded as garbage."""
     config = getattr(hf_config, "quantization_config", None)
     if not config:
-        return
-    method = config.get("quant_method") if isinstance(config, dict) else \
-        getattr(config, "quant_method", None)
-    method = getattr(method, "value", method)
-    raise ValueError(f"the checkpoint is pre-quantized ({method!r}), which pagewire cannot load "
-                     "yet; it quantizes full-precision checkpoints at load (quantization="
-                     f"{', '.join(repr(m) for m in METHODS)})")
+        if requested in CHECKPOINT_METHODS:
+            raise ValueError(f"quantization={requested!r} needs a checkpoint quantized that way; "
+                             "this one has no quantization_config")
+        return requested
+    config = config if isinstance(config, dict) else config.to_dict()
+    method = config.get("quant_method")
+    method = str(getattr(method, "value", method))
+    if method != "compressed-tensors" or not _is_fp8_dynamic(config):
+        raise ValueError(f"the checkpoint is pre-quantized ({method!r}, {_scheme(config)}), "
+                         "which pagewire cannot load yet: it loads compressed-tensors' FP8 "
+                         "W8A8 with dynamic per-token activations, and quantizes "
+                         "full-precision checkpoints at load (quantization='fp8')")
+    if requested not in (None, method):
+        raise ValueError(f"the checkpoint is quantized with {method!r}; quantization="
+                         f"{requested!r} cannot apply to it")
+    return method
 
 
-def quantize_model(model: nn.Module, method: str) -> None:
-    """Replaces each decoder projection with `method`'s layer, in place."""
-    check_method(method)
-    from pagewire.model.quantization.fp8 import Fp8Linear
+def _scheme(config: dict) -> str:
+    groups = config.get("config_groups") or {}
+    if not groups:
+        return f"{config.get('bits', '?')}-bit"
+    weights = next(iter(groups.values())).get("weights") or {}
+    return f"{weights.get('type', '?')}{weights.get('num_bits', '?')} weights"
 
-    layer_type = {"fp8": Fp8Linear}[method]
+
+def _is_fp8_dynamic(config: dict) -> bool:
+    """compressed-tensors' FP8_DYNAMIC family: one group on the Linear layers, float 8-bit
+    symmetric weights by channel or tensor, float 8-bit activations per token, dynamic."""
+    groups = list((config.get("config_groups") or {}).values())
+    if len(groups) != 1 or config.get("format") not in ("float-quantized", "naive-quantized"):
+        return False
+    weights, inputs = groups[0].get("weights") or {}, groups[0].get("input_activations") or {}
+    return (weights.get("type") == "float" and weights.get("num_bits") == 8
+            and weights.get("strategy") in ("channel", "tensor")
+            and weights.get("symmetric", True) and not weights.get("dynamic", False)
+            and inputs.get("type") == "float" and inputs.get("num_bits") == 8
+            and inputs.get("strategy") == "token" and inputs.get("dynamic") is True)
+
+
+def _projections(model: nn.Module):
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is Linear and name != "lm_head":
-                setattr(parent, name, layer_type.from_linear(child))
+                yield parent, name, child
+
+
+def quantize_model(model: nn.Module, method: str) -> None:
+    """`fp8`: replaces each decoder projection, loaded in full precision, in place."""
+    from pagewire.model.quantization.fp8 import Fp8Linear
+
+    assert method == "fp8", method
+    for parent, name, child in _projections(model):
+        setattr(parent, name, Fp8Linear.from_linear(child))
+
+
+def prepare_for_checkpoint(model: nn.Module, method: str) -> None:
+    """`compressed-tensors`: empty fp8 layers in place of the projections, which the weight
+    loader then fills with the checkpoint's fp8 weights and scales."""
+    from pagewire.model.quantization.fp8 import Fp8Linear
+
+    assert method in CHECKPOINT_METHODS, method
+    for parent, name, child in _projections(model):
+        setattr(parent, name, Fp8Linear.empty_like(child))

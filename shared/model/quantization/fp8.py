@@ -47,6 +47,15 @@ class Fp8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.data
         return cls(weight, scale.view(-1), bias)
 
+    @classmethod
+    def empty_like(cls, linear: nn.Linear) -> Fp8Linear:
+        """A layer of linear's shape for a checkpoint's fp8 weights and scales to load into."""
+        weight = torch.empty(linear.weight.shape, dtype=FP8, device=linear.weight.device)
+        scale = torch.ones(linear.out_features, dtype=torch.float32,
+                           device=linear.weight.device)
+        bias = None if linear.bias is None else linear.bias.data
+        return cls(weight, scale, bias)
+
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight this layer computes with (tests' reference)."""
         return self.weight.float() * self.weight_scale.view(-1, 1)
