@@ -370,7 +370,7 @@ def load_model(spec: ModelSpec, source: ModelSource, config: EngineConfig,
     with torch.device(device), _default_dtype(dtype):
         model = LlamaForCausalLM(spec, config.use_triton).to(dtype)
     if config.quantization in CHECKPOINT_METHODS:  # stored quantized: load it as it is
-        prepare_for_checkpoint(model, config.quantization)
+        prepare_for_checkpoint(model, AutoConfig.from_pretrained(source.model_dir))
     if (load_format or config.load_format) == "dummy":
         init_dummy_weights(model, config.seed)
     else:

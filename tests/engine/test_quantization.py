@@ -13,6 +13,7 @@ from pagewire import LLM, SamplingParams
 from pagewire.model.layers import Linear
 from pagewire.model.quantization import quantize_model
 from pagewire.model.quantization.fp8 import FP8, FP8_MAX, Fp8Linear, quantize_rows
+from pagewire.model.quantization.int8 import Int8Linear
 from tests.engine.helpers import make_llm
 
 
@@ -102,10 +103,10 @@ def test_bad_and_prequantized_configs_are_refused(tmp_path):
         LLM(model=str(tmp_path), load_format="dummy", show_progress=False)
 
 
-def _compressed_tensors_pair(folder, strategy: str) -> tuple[str, str]:
-    """A small Llama saved twice: in compressed-tensors' FP8 W8A8 layout (float8 weights and
-    their scales, by channel or tensor, activations dynamic per token) and as the float32
-    weights those fp8 values and scales stand for (the dequantize-then-float32 reference)."""
+def _compressed_tensors_pair(folder, kind: str, strategy: str) -> tuple[str, str]:
+    """A small Llama saved twice: in compressed-tensors' W8A8 layout (float8 or int8 weights
+    and their scales, by channel or tensor, activations dynamic per token) and as the float32
+    weights those values and scales stand for (the dequantize-then-float32 reference)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
@@ -119,8 +120,12 @@ def _compressed_tensors_pair(folder, strategy: str) -> tuple[str, str]:
         if "layers." in name and name.endswith("proj.weight"):
             amax = tensor.abs().amax(dim=1, keepdim=True) if strategy == "channel" else \
                 tensor.abs().amax().reshape(1)
-            scale = amax / 448
-            values = (tensor / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+            if kind == "float":
+                scale = amax / 448
+                values = (tensor / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+            else:
+                scale = amax / 127
+                values = (tensor / scale).round().clamp(-128, 127).to(torch.int8)
             stored[name], stored[name + "_scale"] = values, scale.float()
             reference[name] = values.float() * scale
         else:
@@ -129,12 +134,12 @@ def _compressed_tensors_pair(folder, strategy: str) -> tuple[str, str]:
     config.save_pretrained(dense)
     save_file(reference, dense / "model.safetensors")
     config.quantization_config = {
-        "quant_method": "compressed-tensors", "format": "float-quantized",
+        "quant_method": "compressed-tensors", "format": f"{kind}-quantized",
         "config_groups": {"group_0": {
             "targets": ["Linear"],
-            "weights": {"num_bits": 8, "type": "float", "strategy": strategy,
+            "weights": {"num_bits": 8, "type": kind, "strategy": strategy,
                         "symmetric": True, "dynamic": False},
-            "input_activations": {"num_bits": 8, "type": "float", "strategy": "token",
+            "input_activations": {"num_bits": 8, "type": kind, "strategy": "token",
                                   "symmetric": True, "dynamic": True}}},
         "ignore": ["lm_head"]}
     config.save_pretrained(quantized)
@@ -142,20 +147,39 @@ def _compressed_tensors_pair(folder, strategy: str) -> tuple[str, str]:
     return str(quantized), str(dense)
 
 
-@pytest.mark.parametrize("strategy", ["channel", "tensor"])
-def test_compressed_tensors_fp8_checkpoint_against_its_dequantized_weights(tmp_path, strategy):
-    quantized, dense = _compressed_tensors_pair(tmp_path, strategy)
+@pytest.mark.parametrize("kind, strategy", [("float", "channel"), ("float", "tensor"),
+                                            ("int", "channel")])
+def test_compressed_tensors_w8a8_checkpoint_against_its_dequantized_weights(tmp_path, kind,
+                                                                             strategy):
+    quantized, dense = _compressed_tensors_pair(tmp_path, kind, strategy)
     fp8 = LLM(model=quantized, kv_cache_memory_bytes=8 << 20, show_progress=False)
     ref = LLM(model=dense, kv_cache_memory_bytes=8 << 20, show_progress=False)
     runner = fp8.engine.runner
     assert runner.config.quantization == "compressed-tensors"  # detected from the checkpoint
     qkv = runner.model.layers[0].self_attn.qkv_proj
-    assert isinstance(qkv, Fp8Linear) and qkv.weight.dtype == FP8
+    layer_type, weight_type = (Fp8Linear, FP8) if kind == "float" else (Int8Linear, torch.int8)
+    assert isinstance(qkv, layer_type) and qkv.weight.dtype == weight_type
     prompts = [{"prompt_token_ids": list(range(n, n + 12))} for n in (3, 40, 100)]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
     for a, b in zip(fp8.generate(prompts, params), ref.generate(prompts, params)):
-        # The weights are the same numbers; only the activations' per-token fp8 rounding
-        # differs from the float32 reference.
+        # The weights are the same numbers; only the activations' per-token rounding (fp8 or
+        # int8) differs from the float32 reference.
         first_a, first_b = a.outputs[0].logprobs[0], b.outputs[0].logprobs[0]
         for token in set(first_a) & set(first_b):
             assert first_a[token].logprob == pytest.approx(first_b[token].logprob, abs=0.05)
+
+
+def test_int8_linear_is_its_integer_arithmetic():
+    from pagewire.model.quantization.int8 import quantize_rows_int8
+
+    torch.manual_seed(1)
+    dense = Linear(96, 40, bias=True)
+    values, scales = quantize_rows_int8(dense.weight.data)
+    layer = Int8Linear(values, scales.view(-1), dense.bias.data)
+    x = torch.randn(5, 96) * 3
+    x_q, x_scale = quantize_rows_int8(x)
+    assert x_q.dtype == torch.int8 and x_q.abs().max() == 127
+    integer = x_q.long() @ values.long().t()  # exact integer products
+    want = integer.float() * x_scale * scales.view(1, -1) + dense.bias
+    torch.testing.assert_close(layer(x), want)
+    assert (layer(x) - dense(x)).norm() / dense(x).norm() < 0.02

@@ -7,10 +7,10 @@ are a small share of the weights and the most sensitive).
 Methods (vLLM's names):
 - `fp8`: a bf16/fp16/fp32 checkpoint quantized at load (`quantize_model` after the weights
   load);
-- `compressed-tensors`, detected from the checkpoint's `quantization_config`: its W8A8 FP8
-  scheme (float8 weights with per-channel or per-tensor scales, activations per token at run
-  time), loaded as stored (`prepare_for_checkpoint` before the weights load). Its other schemes
-  (INT8, W4A16), GPTQ and AWQ are refused at start by name: no loader yet.
+- `compressed-tensors`, detected from the checkpoint's `quantization_config`: its W8A8 schemes
+  (float8 or int8 weights with per-channel or per-tensor scales, activations quantized per
+  token at run time), loaded as stored (`prepare_for_checkpoint` before the weights load). Its
+  W4A16, GPTQ and AWQ are refused at start by name: no loader yet.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ def checkpoint_method(hf_config, requested: str | None) -> str | None:
     config = config if isinstance(config, dict) else config.to_dict()
     method = config.get("quant_method")
     method = str(getattr(method, "value", method))
-    if method != "compressed-tensors" or not _is_fp8_dynamic(config):
+    if method != "compressed-tensors" or _w8a8_type(config) is None:
         raise ValueError(f"the checkpoint is pre-quantized ({method!r}, {_scheme(config)}), "
-                         "which pagewire cannot load yet: it loads compressed-tensors' FP8 "
-                         "W8A8 with dynamic per-token activations, and quantizes "
+                         "which pagewire cannot load yet: it loads compressed-tensors' W8A8 "
+                         "(FP8 or INT8 weights, dynamic per-token activations), and quantizes "
                          "full-precision checkpoints at load (quantization='fp8')")
     if requested not in (None, method):
         raise ValueError(f"the checkpoint is quantized with {method!r}; quantization="
@@ -60,18 +60,24 @@ def _scheme(config: dict) -> str:
     return f"{weights.get('type', '?')}{weights.get('num_bits', '?')} weights"
 
 
-def _is_fp8_dynamic(config: dict) -> bool:
-    """compressed-tensors' FP8_DYNAMIC family: one group on the Linear layers, float 8-bit
-    symmetric weights by channel or tensor, float 8-bit activations per token, dynamic."""
+def _w8a8_type(config: dict) -> str | None:
+    """"float" or "int" for compressed-tensors' W8A8 family (FP8_DYNAMIC, W8A8 INT8): one group
+    on the Linear layers, 8-bit symmetric weights by channel or tensor, 8-bit activations of the
+    same type per token, dynamic. None for anything else."""
     groups = list((config.get("config_groups") or {}).values())
-    if len(groups) != 1 or config.get("format") not in ("float-quantized", "naive-quantized"):
-        return False
+    if len(groups) != 1 or config.get("format") not in ("float-quantized", "int-quantized",
+                                                         "naive-quantized"):
+        return None
     weights, inputs = groups[0].get("weights") or {}, groups[0].get("input_activations") or {}
-    return (weights.get("type") == "float" and weights.get("num_bits") == 8
+    kind = weights.get("type")
+    if (kind in ("float", "int") and weights.get("num_bits") == 8
             and weights.get("strategy") in ("channel", "tensor")
             and weights.get("symmetric", True) and not weights.get("dynamic", False)
-            and inputs.get("type") == "float" and inputs.get("num_bits") == 8
-            and inputs.get("strategy") == "token" and inputs.get("dynamic") is True)
+            and inputs.get("type") == kind and inputs.get("num_bits") == 8
+            and inputs.get("strategy") == "token" and inputs.get("dynamic") is True
+            and inputs.get("symmetric", True)):
+        return kind
+    return None
 
 
 def _projections(model: nn.Module):
@@ -90,11 +96,14 @@ def quantize_model(model: nn.Module, method: str) -> None:
         setattr(parent, name, Fp8Linear.from_linear(child))
 
 
-def prepare_for_checkpoint(model: nn.Module, method: str) -> None:
-    """`compressed-tensors`: empty fp8 layers in place of the projections, which the weight
-    loader then fills with the checkpoint's fp8 weights and scales."""
+def prepare_for_checkpoint(model: nn.Module, hf_config) -> None:
+    """`compressed-tensors`: empty layers of the checkpoint's scheme (fp8 or int8) in place of
+    the projections, which the weight loader then fills with its weights and scales."""
     from pagewire.model.quantization.fp8 import Fp8Linear
+    from pagewire.model.quantization.int8 import Int8Linear
 
-    assert method in CHECKPOINT_METHODS, method
+    config = hf_config.quantization_config
+    config = config if isinstance(config, dict) else config.to_dict()
+    layer_type = {"float": Fp8Linear, "int": Int8Linear}[_w8a8_type(config)]
     for parent, name, child in _projections(model):
-        setattr(parent, name, Fp8Linear.empty_like(child))
+        setattr(parent, name, layer_type.empty_like(child))
