@@ -42,3 +42,22 @@ def test_the_readmes_measured_numbers_are_in_the_results():
     assert len(numbers) >= 5
     results = (ROOT / "loadtests" / "RESULTS.md").read_text()
     assert [n for n in numbers if n not in results] == []
+
+
+def test_every_package_folder_is_installed():
+    """A folder of shared/, services/ or kernels/ with an __init__.py that pyproject's package
+    list lacks works from a checkout and is missing from an installed copy."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    listed = set(re.findall(r'"(pagewire[\w.]*)"', pyproject.split("packages = [", 1)[1]
+                            .split("]", 1)[0]))
+    roots = {"shared": "pagewire", "services": "pagewire.services", "kernels": "pagewire.kernels"}
+    missing = []
+    for folder, package in roots.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / folder).parts
+            if "__pycache__" in parts:
+                continue
+            name = ".".join((package, *parts))
+            if name not in listed:
+                missing.append(name)
+    assert not missing, f"pyproject.toml's packages lack {missing}"
