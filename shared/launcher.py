@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import signal
 import socket
@@ -15,6 +16,7 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pagewire.cluster.routing import ROUTING_POLICIES
 from pagewire.import_roots import pagewire_argv
@@ -61,9 +63,27 @@ def _die_with_parent() -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, for a process started next to bind. Taken below the kernel's ephemeral
+    range: a port bind(0) hands out and we close can be handed out again to the next bind(0) in
+    any process (a NIXL worker's UCX listeners bind many) before ours binds it; seen in CI as a
+    worker that could not bind its port. The kernel never hands out ports below the range."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(10000, low) if low > 11000 else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("found no free TCP port")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0  # unknown: let the kernel pick
 
 
 def redis_answers(url: str) -> bool:

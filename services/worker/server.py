@@ -279,17 +279,19 @@ async def serve(config: WorkerConfig) -> grpc.aio.Server:
         message = f"the engine thread failed ({error!r}): this worker can serve nothing"
         loop.call_soon_threadsafe(lambda: fatal.done() or fatal.set_result(message))
 
+    # The port is bound first (it serves once started, below): loading the engine takes
+    # seconds, in which another process's bind(0) (a NIXL agent's UCX listeners) could take it.
+    limit = config.max_message_bytes
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", limit),
+                                      ("grpc.max_receive_message_length", limit),
+                                      ("grpc.so_reuseport", 0), *KEEPALIVE_SERVER_OPTIONS])
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
     shm = _shared_memory_folder(config)
     engine_config = config.engine
     if shm is not None and config.role != "prefill":  # a receiver's cache, in shared memory
         engine_config = engine_config.replace(kv_cache_shared_dir=config.shm_dir)
     engine = AsyncEngine(await asyncio.to_thread(LLMEngine, engine_config),
                          on_death=engine_died).start()
-    limit = config.max_message_bytes
-    server = grpc.aio.server(options=[("grpc.max_send_message_length", limit),
-                                      ("grpc.max_receive_message_length", limit),
-                                      ("grpc.so_reuseport", 0), *KEEPALIVE_SERVER_OPTIONS])
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
     address = advertised_address(config, port)
     worker_id = config.worker_id or f"{config.role}@{address}"  # unique per replica
     receiver = KVReceiver(engine, config.kv_transports, shm)

@@ -87,3 +87,15 @@ def test_quantization_reaches_every_worker(monkeypatch):
     assert parse_args([]).engine.quantization == "fp8"
     with pytest.raises(SystemExit):
         parse_args(["--quantization", "int3"])
+
+
+def test_free_ports_come_from_below_the_kernels_ephemeral_range():
+    """bind(0) in any process (a NIXL worker's UCX listeners) can be handed a port the kernel
+    just handed us; ports below the ephemeral range it never hands out."""
+    from pagewire import launcher
+
+    low = launcher._ephemeral_low()
+    ports = {launcher.free_port() for _ in range(20)}
+    if low > 11000:
+        assert all(10000 <= p < low for p in ports)
+    assert len(ports) > 1
