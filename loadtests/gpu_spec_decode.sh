@@ -2,8 +2,10 @@
 # weights in bf16 (random weights accept nothing), side by side on one engine.
 #
 # The embedded GGUF (94 MB) does not fit one device call's 64 MiB carry, so it travels in two
-# halves on two calls to the same warm machine (ignored folders stay there between calls):
-#   call 1: carry .gguf-a (its first 50 MiB), command `true`;
+# halves on two calls to the same warm machine (within its 30 s idle window). A carried folder
+# does not outlive its call there, /tmp does:
+#   call 1: carry .gguf-a (its first 50 MiB), command
+#           `mkdir -p /tmp/smol-a && cp .gguf-a/part-a /tmp/smol-a/`;
 #   call 2: carry .gguf-b (the rest, and the gguf wheel transformers reads it with) and SNAPSHOT,
 #           command `bash loadtests/gpu_spec_decode.sh [sweep|check]`.
 # Make the halves with: head -c 52428800 FILE > .gguf-a/part-a; tail -c +52428801 FILE >
@@ -11,7 +13,9 @@
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/smol /tmp/site
-cat .gguf-a/part-a .gguf-b/part-b > /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
+first_half=.gguf-a/part-a
+[ -f "$first_half" ] || first_half=/tmp/smol-a/part-a
+cat "$first_half" .gguf-b/part-b > /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gguf-b/*.whl
 export PYTHONPATH=/tmp/site OFFLINE_ONLY=1
 # shellcheck disable=SC1091
