@@ -15,6 +15,8 @@ import functools
 import torch
 from torch import nn
 
+from pagewire.model.quantization.layer import QuantizedLinear
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 MIN_SCALE = 1e-12  # an all-zero row or token keeps a finite scale
@@ -31,14 +33,8 @@ def _has_fp8_gemm(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-class Fp8Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor,
-                 bias: torch.Tensor | None):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight)  # [out, in] float8_e4m3fn
-        self.register_buffer("weight_scale", weight_scale)  # [out] float32
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+class Fp8Linear(QuantizedLinear):
+    WEIGHT_DTYPE = FP8
 
     @classmethod
     @torch.no_grad()
@@ -46,19 +42,6 @@ class Fp8Linear(nn.Module):
         weight, scale = quantize_rows(linear.weight.data)
         bias = None if linear.bias is None else linear.bias.data
         return cls(weight, scale.view(-1), bias)
-
-    @classmethod
-    def empty_like(cls, linear: nn.Linear) -> Fp8Linear:
-        """A layer of linear's shape for a checkpoint's fp8 weights and scales to load into."""
-        weight = torch.empty(linear.weight.shape, dtype=FP8, device=linear.weight.device)
-        scale = torch.ones(linear.out_features, dtype=torch.float32,
-                           device=linear.weight.device)
-        bias = None if linear.bias is None else linear.bias.data
-        return cls(weight, scale, bias)
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """The float32 weight this layer computes with (tests' reference)."""
-        return self.weight.float() * self.weight_scale.view(-1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

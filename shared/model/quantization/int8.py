@@ -10,7 +10,8 @@ below 2^24 for these widths) and scaled the same way.
 from __future__ import annotations
 
 import torch
-from torch import nn
+
+from pagewire.model.quantization.layer import QuantizedLinear
 
 INT8_MAX = 127.0
 MIN_SCALE = 1e-12
@@ -22,26 +23,8 @@ def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).round().clamp(-128, 127).to(torch.int8), scale
 
 
-class Int8Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor,
-                 bias: torch.Tensor | None):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight)  # [out, in] int8
-        self.register_buffer("weight_scale", weight_scale)  # [out] float32
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    @classmethod
-    def empty_like(cls, linear: nn.Linear) -> Int8Linear:
-        """A layer of linear's shape for a checkpoint's int8 weights and scales to load into."""
-        device = linear.weight.device
-        weight = torch.empty(linear.weight.shape, dtype=torch.int8, device=device)
-        scale = torch.ones(linear.out_features, dtype=torch.float32, device=device)
-        bias = None if linear.bias is None else linear.bias.data
-        return cls(weight, scale, bias)
-
-    def dequantized_weight(self) -> torch.Tensor:
-        return self.weight.float() * self.weight_scale.view(-1, 1)
+class Int8Linear(QuantizedLinear):
+    WEIGHT_DTYPE = torch.int8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
