@@ -102,8 +102,8 @@ class EngineConfig:
     quantization: str | None = None
     """vLLM's names. fp8: weights quantized at load (per-channel weight scales, per-token
     activation scales; fp8 GEMMs on Ada/Hopper GPUs). A checkpoint's own quantization_config
-    (compressed-tensors' FP8 W8A8) is detected and loaded as stored without it. None: the
-    model's dtype."""
+    (compressed-tensors W8A8 or W4A16/W8A16, GPTQ, AWQ) is detected and loaded in its packed
+    layout without it. None: the model's dtype."""
     speculative_config: SpeculativeConfig | dict | str | None = None
     """Speculative decoding, vLLM's dict (or its JSON): {"method": "ngram",
     "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}. Kept as a

@@ -143,9 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-cache-dtype", default=None, choices=("auto", "fp8", "fp8_e4m3"),
                         help="workers' KV cache: fp8 halves its bytes per token (lossy)")
     # pagewire.model.quantization.METHODS, spelt out: the launcher imports no torch
-    parser.add_argument("--quantization", default=None, choices=("fp8", "compressed-tensors"),
+    parser.add_argument("--quantization", default=None,
+                        choices=("fp8", "compressed-tensors", "gptq", "awq"),
                         help="fp8: workers quantize their weights at load; a checkpoint's own "
-                             "(compressed-tensors FP8) is detected without it")
+                             "(compressed-tensors, GPTQ, AWQ) is detected without it")
     parser.add_argument("--speculative-config", default=None, metavar="JSON",
                         help='decode and colocated workers speculate: {"method": "ngram", '
                              '"num_speculative_tokens": 4}, vLLM\'s keys')

@@ -29,6 +29,7 @@ from pagewire.model.model_source import ModelSource
 from pagewire.model.quantization import (
     CHECKPOINT_METHODS,
     checkpoint_method,
+    checkpoint_tensors,
     prepare_for_checkpoint,
     quantize_model,
 )
@@ -369,12 +370,13 @@ def load_model(spec: ModelSpec, source: ModelSource, config: EngineConfig,
     # peak and left 32 GB cached, so two workers sharing a GPU ran out of memory.
     with torch.device(device), _default_dtype(dtype):
         model = LlamaForCausalLM(spec, config.use_triton).to(dtype)
+    hf_config = AutoConfig.from_pretrained(source.model_dir)
     if config.quantization in CHECKPOINT_METHODS:  # stored quantized: load it as it is
-        prepare_for_checkpoint(model, AutoConfig.from_pretrained(source.model_dir))
+        prepare_for_checkpoint(model, hf_config)
     if (load_format or config.load_format) == "dummy":
         init_dummy_weights(model, config.seed)
     else:
-        load_weights(model, iter_safetensors(source.model_dir))
+        load_weights(model, checkpoint_tensors(iter_safetensors(source.model_dir), hf_config))
     if config.quantization == "fp8":
         quantize_model(model, config.quantization)
     if device.type == "cpu" and dtype == torch.float32:

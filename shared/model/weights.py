@@ -43,12 +43,19 @@ def _shard_sizes(model: nn.Module, fused: str) -> list[int]:
     return [spec.intermediate_size, spec.intermediate_size]
 
 
+# Buffers a quantized layer keeps (quantization/): the weight loader writes them like
+# parameters. Along which dim a fused layer's shards (q/k/v, gate/up) lie: 0 for [out, ...]
+# tensors, 1 for weight-only layouts ([..., out]); None for a tensor every shard shares.
+BUFFER_SHARD_DIMS = {"weight": 0, "weight_scale": 0, "qweight": 1, "scales": 1, "offsets": 1,
+                     "perm": None}
+SHARD_DIMS = {**BUFFER_SHARD_DIMS, "bias": 0}
+
+
 @torch.no_grad()
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Copies checkpoint tensors into the model; every parameter must be written exactly once."""
-    # A quantized layer keeps its weight and scales as buffers: those are written too.
     params = {name: buffer for name, buffer in model.named_buffers()
-              if name.endswith((".weight", ".weight_scale"))}
+              if name.rsplit(".", 1)[-1] in BUFFER_SHARD_DIMS}
     params.update(model.named_parameters(remove_duplicate=False))
     written: set[str] = set()
     for ckpt_name, tensor in weights:
@@ -65,20 +72,28 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
         if name not in params:
             raise ValueError(f"checkpoint tensor {ckpt_name!r} has no place in the model")
         param = params[name]
-        if shard is None:
-            target = param
-        else:
-            fused = name.split(".")[-2]
-            sizes = _shard_sizes(model, fused)
-            offset = sum(sizes[:shard])
-            target = param.narrow(0, offset, sizes[shard])
-            name = f"{name}#{shard}"
-        if name.rsplit("#", 1)[0].endswith(".weight_scale"):
-            # A quantized checkpoint's scales: per channel [out, 1] or per tensor [1] / [];
-            # the layer keeps one per output row (a fused layer's shards each had their own).
+        kind = name.rsplit(".", 1)[-1]
+        if kind == "weight_scale":
+            # A W8A8 checkpoint's scales: per channel [out, 1] or per tensor [1] / []; the
+            # layer keeps one per output row (a fused layer's shards each had their own).
             tensor = tensor.float().reshape(-1)
             if tensor.numel() == 1:
-                tensor = tensor.expand(target.shape[0])
+                tensor = tensor.expand(param.shape[0] if shard is None else
+                                       _shard_sizes(model, name.split(".")[-2])[shard])
+        if shard is None:
+            target = param
+        elif SHARD_DIMS.get(kind, 0) is None:
+            # Shared by the shards (act-order's permutation): they must agree.
+            target = param
+            first = not any(f"{name}#{i}" in written for i in range(3))
+            if not first and not torch.equal(param, tensor.to(param.device, param.dtype)):
+                raise ValueError(f"{ckpt_name}: differs from the other projections fused with "
+                                 "it, which pagewire cannot load fused")
+            name = f"{name}#{shard}"
+        else:
+            sizes = _shard_sizes(model, name.split(".")[-2])
+            target = param.narrow(SHARD_DIMS.get(kind, 0), sum(sizes[:shard]), sizes[shard])
+            name = f"{name}#{shard}"
         if target.shape != tensor.shape:
             raise ValueError(f"{ckpt_name}: shape {tuple(tensor.shape)} does not match the "
                              f"model's {tuple(target.shape)}")
@@ -92,8 +107,7 @@ def _check_all_written(model, params, written):
     for name in params:
         if name == "lm_head.weight" and model.spec.tie_word_embeddings:
             continue
-        fused = name.split(".")[-2] if name.endswith((".weight", ".bias", ".weight_scale")) \
-            else ""
+        fused = name.split(".")[-2] if name.rsplit(".", 1)[-1] in SHARD_DIMS else ""
         if fused in ("qkv_proj", "gate_up_proj"):
             shards = 3 if fused == "qkv_proj" else 2
             missing += [f"{name}#{i}" for i in range(shards) if f"{name}#{i}" not in written]
@@ -116,3 +130,6 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
             param.uniform_(0.9, 1.1, generator=gen)
         else:
             param.normal_(0.0, 0.02, generator=gen)
+    for module in model.modules():  # quantized layers keep their weights as buffers
+        if hasattr(module, "init_dummy"):
+            module.init_dummy(gen)

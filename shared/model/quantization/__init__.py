@@ -6,21 +6,27 @@ are a small share of the weights and the most sensitive).
 
 Methods (vLLM's names):
 - `fp8`: a bf16/fp16/fp32 checkpoint quantized at load (`quantize_model` after the weights
-  load);
-- `compressed-tensors`, detected from the checkpoint's `quantization_config`: its W8A8 schemes
-  (float8 or int8 weights with per-channel or per-tensor scales, activations quantized per
-  token at run time), loaded as stored (`prepare_for_checkpoint` before the weights load). Its
-  W4A16, GPTQ and AWQ are refused at start by name: no loader yet.
+  load): Fp8Linear;
+- read from a checkpoint's `quantization_config` (`prepare_for_checkpoint` swaps in empty
+  layers of its scheme before the weights load; `checkpoint_tensors` converts its tensors as
+  they stream):
+  - `compressed-tensors`: W8A8 (Fp8Linear, Int8Linear, stored as held) and pack-quantized
+    W4A16/W8A16 (WeightOnlyLinear);
+  - `gptq` (4/8 bits, group size, act-order) and `awq` (4 bits, GEMM layout): WeightOnlyLinear.
+Anything else pre-quantized is refused at start by name.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
+import torch
 from torch import nn
 
 from pagewire.model.layers import Linear
 
-METHODS = ("fp8", "compressed-tensors")
-CHECKPOINT_METHODS = ("compressed-tensors",)  # named by a checkpoint, not chosen at load
+METHODS = ("fp8", "compressed-tensors", "gptq", "awq")
+CHECKPOINT_METHODS = ("compressed-tensors", "gptq", "awq")  # named by a checkpoint
 
 
 def check_method(method: str | None) -> None:
@@ -28,27 +34,40 @@ def check_method(method: str | None) -> None:
         raise ValueError(f"quantization must be one of {METHODS} (or None), got {method!r}")
 
 
+def _config_dict(hf_config) -> dict | None:
+    config = getattr(hf_config, "quantization_config", None)
+    if not config:
+        return None
+    return config if isinstance(config, dict) else config.to_dict()
+
+
+def _method_name(config: dict) -> str:
+    method = config.get("quant_method")
+    return str(getattr(method, "value", method)).lower()
+
+
 def checkpoint_method(hf_config, requested: str | None) -> str | None:
     """The method to run: the checkpoint's own if its config has a quantization_config (checked
     against `requested`), else `requested`. A checkpoint this engine cannot load is refused
     here, at start, with its method's name, rather than loaded as garbage."""
-    config = getattr(hf_config, "quantization_config", None)
-    if not config:
+    config = _config_dict(hf_config)
+    if config is None:
         if requested in CHECKPOINT_METHODS:
             raise ValueError(f"quantization={requested!r} needs a checkpoint quantized that way; "
                              "this one has no quantization_config")
         return requested
-    config = config if isinstance(config, dict) else config.to_dict()
-    method = config.get("quant_method")
-    method = str(getattr(method, "value", method))
-    if method != "compressed-tensors" or _w8a8_type(config) is None:
+    method = _method_name(config)
+    if method not in CHECKPOINT_METHODS or (
+            method == "compressed-tensors" and _compressed_tensors_kind(config) is None):
         raise ValueError(f"the checkpoint is pre-quantized ({method!r}, {_scheme(config)}), "
-                         "which pagewire cannot load yet: it loads compressed-tensors' W8A8 "
-                         "(FP8 or INT8 weights, dynamic per-token activations), and quantizes "
-                         "full-precision checkpoints at load (quantization='fp8')")
+                         "which pagewire cannot load: it loads compressed-tensors' W8A8 (FP8 or "
+                         "INT8) and pack-quantized W4A16/W8A16, GPTQ (4/8-bit) and AWQ (4-bit "
+                         "GEMM), and quantizes full-precision checkpoints at load "
+                         "(quantization='fp8')")
     if requested not in (None, method):
         raise ValueError(f"the checkpoint is quantized with {method!r}; quantization="
                          f"{requested!r} cannot apply to it")
+    packed_format(config)  # refuses unsupported variants (AWQ GEMV, 3-bit GPTQ) at start
     return method
 
 
@@ -60,23 +79,27 @@ def _scheme(config: dict) -> str:
     return f"{weights.get('type', '?')}{weights.get('num_bits', '?')} weights"
 
 
-def _w8a8_type(config: dict) -> str | None:
-    """"float" or "int" for compressed-tensors' W8A8 family (FP8_DYNAMIC, W8A8 INT8): one group
-    on the Linear layers, 8-bit symmetric weights by channel or tensor, 8-bit activations of the
-    same type per token, dynamic. None for anything else."""
-    groups = list((config.get("config_groups") or {}).values())
-    if len(groups) != 1 or config.get("format") not in ("float-quantized", "int-quantized",
-                                                         "naive-quantized"):
+def _compressed_tensors_kind(config: dict) -> str | None:
+    """"float" / "int" (W8A8), "packed" (WnA16), or None (a scheme not loaded here)."""
+    from pagewire.model.quantization.compressed_tensors import pack_quantized_format, w8a8_type
+
+    return w8a8_type(config) or ("packed" if pack_quantized_format(config) else None)
+
+
+def packed_format(config: dict | None):
+    """The checkpoint's packed weight-only format (GPTQ, AWQ, pack-quantized), or None."""
+    if config is None:
         return None
-    weights, inputs = groups[0].get("weights") or {}, groups[0].get("input_activations") or {}
-    kind = weights.get("type")
-    if (kind in ("float", "int") and weights.get("num_bits") == 8
-            and weights.get("strategy") in ("channel", "tensor")
-            and weights.get("symmetric", True) and not weights.get("dynamic", False)
-            and inputs.get("type") == kind and inputs.get("num_bits") == 8
-            and inputs.get("strategy") == "token" and inputs.get("dynamic") is True
-            and inputs.get("symmetric", True)):
-        return kind
+    method = _method_name(config)
+    if method == "gptq":
+        from pagewire.model.quantization.gptq import GptqFormat
+        return GptqFormat(config)
+    if method == "awq":
+        from pagewire.model.quantization.awq import AwqFormat
+        return AwqFormat(config)
+    if method == "compressed-tensors":
+        from pagewire.model.quantization.compressed_tensors import pack_quantized_format
+        return pack_quantized_format(config)
     return None
 
 
@@ -97,13 +120,34 @@ def quantize_model(model: nn.Module, method: str) -> None:
 
 
 def prepare_for_checkpoint(model: nn.Module, hf_config) -> None:
-    """`compressed-tensors`: empty layers of the checkpoint's scheme (fp8 or int8) in place of
-    the projections, which the weight loader then fills with its weights and scales."""
+    """Empty layers of the checkpoint's scheme in place of the projections, which the weight
+    loader then fills with its tensors (converted by `checkpoint_tensors`)."""
     from pagewire.model.quantization.fp8 import Fp8Linear
     from pagewire.model.quantization.int8 import Int8Linear
+    from pagewire.model.quantization.weight_only import WeightOnlyLinear
 
-    config = hf_config.quantization_config
-    config = config if isinstance(config, dict) else config.to_dict()
-    layer_type = {"float": Fp8Linear, "int": Int8Linear}[_w8a8_type(config)]
+    config = _config_dict(hf_config)
+    fmt = packed_format(config)
+    if fmt is None:
+        layer_type = {"float": Fp8Linear, "int": Int8Linear}[_compressed_tensors_kind(config)]
+        make = layer_type.empty_like
+    else:
+        scheme = fmt.scheme
+
+        def make(linear):
+            group = linear.in_features if scheme.group_size == -1 else scheme.group_size
+            return WeightOnlyLinear.empty_like(linear, scheme.bits, group, scheme.act_order)
     for parent, name, child in _projections(model):
-        setattr(parent, name, layer_type.empty_like(child))
+        setattr(parent, name, make(child))
+
+
+def checkpoint_tensors(weights: Iterable[tuple[str, torch.Tensor]], hf_config
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors with a packed format's projections converted to
+    WeightOnlyLinear's layout; others as stored."""
+    fmt = packed_format(_config_dict(hf_config))
+    if fmt is None:
+        return iter(weights)
+    from pagewire.model.quantization.packed_checkpoint import regroup
+
+    return regroup(weights, fmt)
