@@ -132,7 +132,7 @@ def run_checks(c: Checker, under_sanitizer: bool = False) -> None:
     """Each check on its own: one kernel failing to compile or run does not hide the others."""
     checks = [check_kv_cache_write, check_rms_norm, check_rotary_embedding, check_silu_and_mul,
               check_decode, check_prefill, check_backend, check_fp8_kv_cache,
-              check_fp8_quant]
+              check_fp8_quant, check_weight_only_gemm]
     if not under_sanitizer:  # cuBLAS is not ours to check; capture needs the caching allocator
         checks.append(check_model)
         if c.device == "cuda":
@@ -228,6 +228,25 @@ def check_fp8_quant(c: Checker) -> None:
     bound = 0.0 if c.device == "cuda" else 0.1
     c.record("fp8_quant scales", scales, want_scales, 0.0)
     c.record("fp8_quant values", values.float(), want_values.float(), bound)
+
+
+def check_weight_only_gemm(c: Checker) -> None:
+    """W4A16 and W8A16 (GPTQ/AWQ/compressed-tensors/GGUF layers) at decode batch 16 on the
+    down projection's shape (K = intermediate, the longest K loop), groups of 128 and 32."""
+    from pagewire.kernels.weight_only_gemm import weight_only_gemm, weight_only_gemm_reference
+    from pagewire.model.quantization.weight_only import pack_rows
+
+    s = c.s
+    k, n = max(256, s.intermediate // 128 * 128), s.hidden
+    for bits, group in ((4, 128), (8, 32)):
+        q = torch.randint(0, 1 << bits, (k, n), generator=c.gen, device=c.device)
+        scales = (torch.rand(k // group, n, generator=c.gen, device=c.device) * 0.01 + 1e-3)
+        offsets = c.randn(k // group, n, scale=0.02)
+        x = c.randn(16, k)
+        qweight, scales = pack_rows(q, bits), scales.to(s.dtype)
+        out = weight_only_gemm(x, qweight, scales, offsets, bits, group)
+        ref = weight_only_gemm_reference(x.float(), qweight, scales, offsets, bits, group)
+        c.record(f"weight_only_gemm W{bits}A16 g{group} (M=16)", out, ref, s.bound)
 
 
 def check_decode(c: Checker) -> None:

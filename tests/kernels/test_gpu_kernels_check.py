@@ -21,4 +21,4 @@ def test_smoke_run_passes(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gpu_kernels_check", module)
     spec.loader.exec_module(module)
     assert module.main(["--smoke", "--seed", "3"]) == 0
-    assert "checks: 18/18 PASS" in capsys.readouterr().out
+    assert "checks: 20/20 PASS" in capsys.readouterr().out
