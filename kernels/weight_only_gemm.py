@@ -14,6 +14,8 @@ buffer, cast to x's dtype at the end.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -52,6 +54,7 @@ def _weight_only_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, offsets_ptr, out_pt
     tl.atomic_add(out_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
@@ -65,7 +68,8 @@ def choose_split_k(n_blocks: int, k_steps: int, num_sms: int) -> int:
 
 def weight_only_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                      offsets: torch.Tensor, bits: int, group_size: int, block_n: int = 64,
-                     block_k: int = 128, split_k: int | None = None) -> torch.Tensor:
+                     block_k: int = 128, split_k: int | None = None, num_warps: int = 4,
+                     num_stages: int = 3) -> torch.Tensor:
     """x [M, K] (M <= 64, unit stride along K) -> [M, N] in x's dtype."""
     assert x.dim() == 2 and x.stride(-1) == 1 and qweight.stride(-1) == 1
     m, k = x.shape
@@ -83,7 +87,7 @@ def weight_only_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
         x, qweight, scales, offsets, out, m, n, k, x.stride(0), qweight.stride(0),
         scales.stride(0), out.stride(0), k_per_split, BITS=bits, GROUP=group_size,
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4, num_stages=3)
+        num_warps=num_warps, num_stages=num_stages)
     return out.to(x.dtype)
 
 

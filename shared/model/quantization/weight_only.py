@@ -110,6 +110,8 @@ class WeightOnlyLinear(nn.Module):
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
         if x.is_cuda and x2.shape[0] <= KERNEL_MAX_ROWS:
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
             from pagewire.kernels.weight_only_gemm import weight_only_gemm  # CUDA: triton
 
             out = weight_only_gemm(x2, self.qweight, self.scales, self.offsets, self.bits,
