@@ -144,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="workers' KV cache: fp8 halves its bytes per token (lossy)")
     # pagewire.model.quantization.METHODS, spelt out: the launcher imports no torch
     parser.add_argument("--quantization", default=None,
-                        choices=("fp8", "compressed-tensors", "gptq", "awq"),
-                        help="fp8: workers quantize their weights at load; a checkpoint's own "
+                        choices=("fp8", "compressed-tensors", "gptq", "awq", "gguf"),
+                        help="fp8: workers quantize their weights at load; gguf: a .gguf "
+                             "model's weights stay in its blocks; a checkpoint's own "
                              "(compressed-tensors, GPTQ, AWQ) is detected without it")
     parser.add_argument("--speculative-config", default=None, metavar="JSON",
                         help='decode and colocated workers speculate: {"method": "ngram", '

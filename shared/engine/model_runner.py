@@ -33,6 +33,7 @@ from pagewire.model.quantization import (
     prepare_for_checkpoint,
     quantize_model,
 )
+from pagewire.model.quantization.gguf import gguf_tensors, prepare_gguf
 from pagewire.model.weights import init_dummy_weights, iter_safetensors, load_weights
 from pagewire.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata
 from pagewire.spec_decode.draft_model import DraftModelProposer
@@ -373,8 +374,15 @@ def load_model(spec: ModelSpec, source: ModelSource, config: EngineConfig,
     hf_config = AutoConfig.from_pretrained(source.model_dir)
     if config.quantization in CHECKPOINT_METHODS:  # stored quantized: load it as it is
         prepare_for_checkpoint(model, hf_config)
+    if config.quantization == "gguf":  # the file's blocks, held packed
+        if source.gguf_file is None:
+            raise ValueError("quantization='gguf' needs a .gguf model (the embedded default is "
+                             f"one); {source.model_dir} is not")
+        prepare_gguf(model, source.gguf_file)
     if (load_format or config.load_format) == "dummy":
         init_dummy_weights(model, config.seed)
+    elif config.quantization == "gguf":
+        load_weights(model, gguf_tensors(source.gguf_file, spec.num_heads, spec.num_kv_heads))
     else:
         load_weights(model, checkpoint_tensors(iter_safetensors(source.model_dir), hf_config))
     if config.quantization == "fp8":

@@ -31,6 +31,7 @@ class ModelSource:
     name: str  # the id the OpenAI API reports
     model_dir: str  # holds config.json (+ weights unless load_format is dummy)
     tokenizer_dir: str | None
+    gguf_file: str | None = None  # the .gguf the model came from (quantization="gguf")
 
 
 def cache_root() -> Path:
@@ -54,11 +55,12 @@ def resolve_model(model: str | None, tokenizer: str | None = None) -> ModelSourc
     if model is None:
         path = embedded_gguf_path()
         model_dir = converted_gguf_dir(path)
-        return ModelSource(EMBEDDED_NAME, str(model_dir), tokenizer or str(model_dir))
+        return ModelSource(EMBEDDED_NAME, str(model_dir), tokenizer or str(model_dir),
+                           str(path))
     path = Path(model).expanduser()
     if path.suffix == ".gguf" and path.is_file():
         model_dir = converted_gguf_dir(path)
-        return ModelSource(path.stem, str(model_dir), tokenizer or str(model_dir))
+        return ModelSource(path.stem, str(model_dir), tokenizer or str(model_dir), str(path))
     if path.is_dir() and (path / "config.json").exists():
         has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
         own_tokenizer = str(path) if has_tokenizer else None

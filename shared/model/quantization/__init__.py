@@ -12,7 +12,8 @@ Methods (vLLM's names):
   they stream):
   - `compressed-tensors`: W8A8 (Fp8Linear, Int8Linear, stored as held) and pack-quantized
     W4A16/W8A16 (WeightOnlyLinear);
-  - `gptq` (4/8 bits, group size, act-order) and `awq` (4 bits, GEMM layout): WeightOnlyLinear.
+  - `gptq` (4/8 bits, group size, act-order) and `awq` (4 bits, GEMM layout): WeightOnlyLinear;
+- `gguf`: a .gguf model's projections read from its blocks, held packed (gguf.py).
 Anything else pre-quantized is refused at start by name.
 """
 
@@ -25,7 +26,7 @@ from torch import nn
 
 from pagewire.model.layers import Linear
 
-METHODS = ("fp8", "compressed-tensors", "gptq", "awq")
+METHODS = ("fp8", "compressed-tensors", "gptq", "awq", "gguf")
 CHECKPOINT_METHODS = ("compressed-tensors", "gptq", "awq")  # named by a checkpoint
 
 

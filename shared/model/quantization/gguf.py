@@ -1,0 +1,194 @@
+"""GGUF kept quantized (`quantization="gguf"`, vLLM's name): the decoder's projections are read
+straight from the .gguf file's blocks into WeightOnlyLinear's packed layout, so the model holds
+about the file's bytes instead of float32 copies (the default path, model_source.py, still
+dequantizes once for exactness tests).
+
+Each block format is one group of integers with a scale and an offset per group, which is the
+layout's w = q * scale + offset:
+
+    Q4_0  32 values: d (f16), 16 bytes of nibbles    w = d * (q - 8)          4 bits, group 32
+    Q4_1  32 values: d, m (f16), 16 bytes of nibbles w = d * q + m            4 bits, group 32
+    Q8_0  32 values: d (f16), 32 int8                w = d * q                8 bits, group 32
+    Q4_K  256 values: d, dmin (f16), 12 bytes of 6-bit scales and mins, 128 bytes of nibbles;
+          8 groups of 32: w = d * sc_j * q - dmin * m_j                       4 bits, group 32
+    Q6_K  256 values: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales, d;
+          16 groups of 16: w = d * sc_j * (q - 32)                            8 bits, group 16
+
+(In a Q4_0/Q4_1 block, byte j holds value j in its low nibble and value j + 16 in its high one;
+Q4_K does the same per 64 values with 32 bytes.) Q6_K's 6-bit values are held in 8 bits, and
+Q4_K/Q6_K's products d * sc are kept in float32 (not representable in f16); Q4_0/Q4_1/Q8_0's
+scales are f16 in the file and stay f16. Other tensors (norms, embeddings, the LM head) are
+dequantized by gguf's own reader, as transformers' conversion does. llama.cpp stores q and k
+with their rotary halves interleaved per head; the rows are put back (transformers' order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+# GGUF type name -> (bits, group size) in WeightOnlyLinear.
+FORMATS = {"Q4_0": (4, 32), "Q4_1": (4, 32), "Q8_0": (8, 32), "Q4_K": (4, 32), "Q6_K": (8, 16)}
+EXACT_IN_F16 = ("Q4_0", "Q4_1", "Q8_0")
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
+                 "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+
+
+def hf_name(gguf_name: str) -> str:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    _, layer, part, kind = gguf_name.split(".")
+    return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """[..., 16 * c] bytes -> [..., 32 * c] values: per 16 bytes, low nibbles then high ones."""
+    lo, hi = qs & 0xF, qs >> 4
+    return np.concatenate([lo, hi], axis=-1)
+
+
+def block_integers(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One row's blocks (uint8 [num_blocks, block_bytes]) -> unsigned q [values], scales and
+    offsets [groups] (float32) with w = q * scale + offset."""
+    if kind in ("Q4_0", "Q4_1"):
+        d = _f16(blocks[:, 0:2]).reshape(-1)
+        start = 2 if kind == "Q4_0" else 4
+        offset = -8 * d if kind == "Q4_0" else _f16(blocks[:, 2:4]).reshape(-1)
+        return _nibbles(blocks[:, start:start + 16]).reshape(-1), d, offset
+    if kind == "Q8_0":
+        d = _f16(blocks[:, 0:2]).reshape(-1)
+        q = blocks[:, 2:34].view(np.int8).astype(np.int32) + 128
+        return q.reshape(-1), d, -128 * d
+    if kind == "Q4_K":
+        d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
+        s = blocks[:, 4:16].astype(np.int32)
+        sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)], 1)
+        mn = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], 1)
+        # 128 bytes = 4 chunks of 32: low nibbles are 32 values, high nibbles the next 32.
+        q = _nibbles(blocks[:, 16:144].reshape(-1, 4, 32)).reshape(-1)
+        return q, (d * sc).reshape(-1), (-dmin * mn).reshape(-1)
+    if kind == "Q6_K":
+        ql = blocks[:, 0:128].reshape(-1, 2, 64).astype(np.int32)
+        qh = blocks[:, 128:192].reshape(-1, 2, 32).astype(np.int32)
+        sc = blocks[:, 192:208].view(np.int8).astype(np.float32)
+        d = _f16(blocks[:, 208:210])
+        # Per half of 128 values: four runs of 32, low nibbles of ql[0:32], ql[32:64], then
+        # their high nibbles; each with two bits of qh at shifts 0, 2, 4, 6.
+        q = np.concatenate([(ql[..., 0:32] & 0xF) | ((qh & 3) << 4),
+                            (ql[..., 32:64] & 0xF) | (((qh >> 2) & 3) << 4),
+                            (ql[..., 0:32] >> 4) | (((qh >> 4) & 3) << 4),
+                            (ql[..., 32:64] >> 4) | (((qh >> 6) & 3) << 4)], axis=-1)
+        scale = (d * sc).reshape(-1)
+        return q.reshape(-1), scale, -32 * scale
+    raise ValueError(f"GGUF type {kind} is not held quantized (formats: {sorted(FORMATS)})")
+
+
+def _unrope_rows(num_rows: int, heads: int) -> torch.Tensor:
+    """Row order that undoes llama.cpp's interleaving of each head's rotary halves: row r of
+    the model's weight is row order[r] of the file's."""
+    half = num_rows // heads // 2
+    return torch.arange(num_rows).view(heads, half, 2).transpose(1, 2).reshape(-1)
+
+
+def _quantized_projection(tensor, kind: str, rows_order: torch.Tensor | None
+                          ) -> dict[str, torch.Tensor]:
+    from pagewire.model.quantization.weight_only import pack_rows
+
+    n = tensor.data.shape[0]
+    raw = np.asarray(tensor.data).reshape(n, -1)
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    _, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+    q, scales, offsets = block_integers(kind, raw.reshape(-1, block_bytes))
+    q = torch.from_numpy(q.reshape(n, -1).astype(np.int64)).t()  # [K, N]
+    scales = torch.from_numpy(scales.reshape(n, -1)).t()  # [G, N]
+    offsets = torch.from_numpy(offsets.reshape(n, -1)).t()
+    if rows_order is not None:  # output rows are the layout's columns
+        q, scales, offsets = q[:, rows_order], scales[:, rows_order], offsets[:, rows_order]
+    return {"qweight": pack_rows(q.contiguous(), FORMATS[kind][0]),
+            "scales": scales.contiguous(), "offsets": offsets.contiguous()}
+
+
+def _projection_kinds(reader) -> dict[str, str]:
+    """hf projection prefix -> GGUF type name, for the decoder's projections."""
+    kinds = {}
+    for tensor in reader.tensors:
+        if tensor.name.startswith("blk.") and tensor.name.split(".")[2] in _LAYER_NAMES and \
+                "norm" not in tensor.name:
+            kinds[hf_name(tensor.name).removesuffix(".weight")] = tensor.tensor_type.name
+    return kinds
+
+
+def prepare_gguf(model: nn.Module, gguf_path: str) -> None:
+    """WeightOnlyLinear layers of each projection's GGUF type in place of the projections. The
+    layers fused in the model (q/k/v, gate/up) must share a type (llama.cpp's mixes such as
+    Q4_K_M give v and down Q6_K): otherwise the model is refused at start."""
+    from gguf import GGUFReader
+
+    from pagewire.model.quantization.weight_only import WeightOnlyLinear
+
+    kinds = _projection_kinds(GGUFReader(gguf_path))
+    exact_f16 = all(kind in EXACT_IN_F16 for kind in kinds.values())
+    fused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name == "lm_head" or not child_name.endswith("_proj"):
+                continue
+            prefix = "model." + (f"{name}." if name else "")
+            parts = fused.get(child_name, (child_name,))
+            found = {kinds.get(prefix + part) for part in parts}
+            if len(found) != 1 or None in found:
+                raise ValueError(f"{prefix}{child_name}: its GGUF tensors are of types "
+                                 f"{sorted(map(str, found))}; pagewire holds quantized only "
+                                 "projections whose fused parts share one of "
+                                 f"{sorted(FORMATS)} (or use the default float path)")
+            kind = found.pop()
+            if kind not in FORMATS:
+                raise ValueError(f"{prefix}{child_name}: GGUF type {kind} is not held "
+                                 f"quantized (formats: {sorted(FORMATS)})")
+            bits, group = FORMATS[kind]
+            layer = WeightOnlyLinear.empty_like(child, bits, group)
+            if exact_f16:  # the file's own f16 scales: exact, and the file's size
+                layer.scales = layer.scales.to(torch.float16)
+                layer.offsets = layer.offsets.to(torch.float16)
+            else:
+                layer.scales, layer.offsets = layer.scales.float(), layer.offsets.float()
+            setattr(module, child_name, layer)
+
+
+def gguf_tensors(gguf_path: str, num_heads: int, num_kv_heads: int
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The file's tensors under Hugging Face names: projections in WeightOnlyLinear's layout,
+    everything else dequantized to float32."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(gguf_path)
+    for tensor in reader.tensors:
+        name = hf_name(tensor.name)
+        prefix = name.removesuffix(".weight")
+        part = prefix.rsplit(".", 1)[-1]
+        kind = tensor.tensor_type.name
+        heads = {"q_proj": num_heads, "k_proj": num_kv_heads}.get(part)
+        if part.endswith("_proj") and part != "lm_head":
+            order = None if heads is None else _unrope_rows(tensor.data.shape[0], heads)
+            for key, value in _quantized_projection(tensor, kind, order).items():
+                yield f"{prefix}.{key}", value
+            continue
+        values = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type),
+                                           dtype=np.float32))
+        yield name, values.reshape([int(d) for d in reversed(tensor.shape)])
