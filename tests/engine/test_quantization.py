@@ -15,6 +15,7 @@ from pagewire.model.quantization import quantize_model
 from pagewire.model.quantization.fp8 import FP8, FP8_MAX, Fp8Linear, quantize_rows
 from pagewire.model.quantization.int8 import Int8Linear
 from tests.engine.helpers import make_llm
+from tests.engine.quantized_writers import write_w8a8
 
 
 def test_rows_scale_to_the_fp8_range_and_zero_rows_stay_finite():
@@ -109,35 +110,10 @@ def _compressed_tensors_pair(folder, kind: str, strategy: str) -> tuple[str, str
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
                          max_position_embeddings=256, tie_word_embeddings=False)
     state = AutoModelForCausalLM.from_config(config, dtype=torch.float32).state_dict()
-    stored, reference = {}, {}
-    for name, tensor in state.items():
-        if "layers." in name and name.endswith("proj.weight"):
-            amax = tensor.abs().amax(dim=1, keepdim=True) if strategy == "channel" else \
-                tensor.abs().amax().reshape(1)
-            if kind == "float":
-                scale = amax / 448
-                values = (tensor / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
-            else:
-                scale = amax / 127
-                values = (tensor / scale).round().clamp(-128, 127).to(torch.int8)
-            stored[name], stored[name + "_scale"] = values, scale.float()
-            reference[name] = values.float() * scale
-        else:
-            stored[name] = reference[name] = tensor.contiguous()
     quantized, dense = folder / "fp8", folder / "dense"
+    reference = write_w8a8(quantized, config.to_dict(), state, kind, strategy)
     config.save_pretrained(dense)
     save_file(reference, dense / "model.safetensors")
-    config.quantization_config = {
-        "quant_method": "compressed-tensors", "format": f"{kind}-quantized",
-        "config_groups": {"group_0": {
-            "targets": ["Linear"],
-            "weights": {"num_bits": 8, "type": kind, "strategy": strategy,
-                        "symmetric": True, "dynamic": False},
-            "input_activations": {"num_bits": 8, "type": kind, "strategy": "token",
-                                  "symmetric": True, "dynamic": True}}},
-        "ignore": ["lm_head"]}
-    config.save_pretrained(quantized)
-    save_file(stored, quantized / "model.safetensors")
     return str(quantized), str(dense)
 
 
