@@ -12,37 +12,44 @@ from pathlib import Path
 import torch
 
 _lock = threading.Lock()
-_module = None
-_failed = False
+_modules: dict[str, object] = {}
+_failed: set[str] = set()
 
 
 def paged_decode_attention_op():
-    """The compiled op, or None when it cannot be built here."""
-    global _module, _failed
-    if _module is not None or _failed:
-        return _module
+    """The compiled paged decode attention, or None when it cannot be built here."""
+    return _compiled("paged_decode_attention", "pagewire_cpu_attention")
+
+
+def weight_only_gemm_op():
+    """The compiled weight-only GEMM (quantization/weight_only.py), or None."""
+    return _compiled("weight_only_gemm", "pagewire_cpu_weight_only_gemm")
+
+
+def _compiled(source: str, name: str):
+    if source in _modules or source in _failed:
+        return _modules.get(source)
     with _lock:
-        if _module is None and not _failed:
+        if source not in _modules and source not in _failed:
             try:
-                _module = _build()
+                _modules[source] = _build(source, name)
             except Exception as exc:  # any toolchain failure means: use the torch path
-                _failed = True
-                print(f"pagewire: CPU attention kernel unavailable ({exc}); using torch",
+                _failed.add(source)
+                print(f"pagewire: CPU kernel {source} unavailable ({exc}); using torch",
                       flush=True)
-    return _module
+    return _modules.get(source)
 
 
-def _build():
+def _build(source: str, name: str):
     from torch.utils.cpp_extension import load
 
     from pagewire.model.model_source import cache_root
 
-    build_dir = cache_root() / "torch_extensions"
+    build_dir = cache_root() / "torch_extensions" / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    source = Path(__file__).parent / "csrc" / "paged_decode_attention.cpp"
+    path = Path(__file__).parent / "csrc" / f"{source}.cpp"
     flags = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
-    return load(name="pagewire_cpu_attention", sources=[str(source)],
-                extra_cflags=flags, extra_ldflags=["-fopenmp"],
+    return load(name=name, sources=[str(path)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                 build_directory=str(build_dir), verbose=os.environ.get("PAGEWIRE_VERBOSE") == "1")
 
 

@@ -43,3 +43,26 @@ def test_rejects_wrong_dtype(op):
     with pytest.raises(RuntimeError, match="float32"):
         op.paged_decode_attention(q, kv, torch.zeros(1, 1, dtype=torch.int32),
                                   torch.ones(1, dtype=torch.int32), 1.0)
+
+
+@pytest.mark.parametrize("m, k, n, bits, group", [
+    (1, 576, 1536, 4, 32), (5, 128, 70, 4, 128), (16, 96, 64, 8, 16), (3, 256, 130, 8, 32)])
+def test_weight_only_gemm_matches_dequantize_then_multiply(m, k, n, bits, group):
+    """x @ (q * scale + offset) with packed integers: 4 and 8 bits, groups of 16 to 128,
+    column counts that leave a partial tile, f16 scales as GGUF keeps them."""
+    from pagewire.model.cpu_kernels import weight_only_gemm_op
+    from pagewire.model.quantization.weight_only import pack_rows
+
+    op = weight_only_gemm_op()
+    assert op is not None, "the CPU kernel did not build (a C++ compiler and ninja are required)"
+    gen = torch.Generator().manual_seed(m * k + n)
+    q = torch.randint(0, 1 << bits, (k, n), generator=gen)
+    scales = (torch.rand(k // group, n, generator=gen) * 0.01).half()
+    offsets = (torch.randn(k // group, n, generator=gen) * 0.01).half()
+    x = torch.randn(m, k, generator=gen)
+    w = q.float().view(-1, group, n) * scales.float().unsqueeze(1) + \
+        offsets.float().unsqueeze(1)
+    want = x.double() @ w.view(k, n).double()
+    got = op.weight_only_gemm(x, pack_rows(q, bits), scales, offsets, bits, group)
+    assert got.shape == (m, n)
+    assert float((got.double() - want).norm() / want.norm()) < 1e-5

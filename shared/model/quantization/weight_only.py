@@ -18,8 +18,9 @@ The folded offset (rather than a zero point) is what lets GGUF's float minimums 
 share the layout with GPTQ's integer zeros. On CUDA, small batches (decode) run the Triton
 kernel kernels/weight_only_gemm.py, which dequantizes inside the GEMM and so reads 4 bits per
 weight; larger ones dequantize the layer once and multiply in the model's dtype (compute-bound
-there, so the unpacking is a small share). On CPU the weight is dequantized per call to float
-and multiplied: exact, and slower than float32 weights (measured in loadtests/RESULTS.md).
+there, so the unpacking is a small share). On CPU, decode-sized batches run a C++ kernel
+(model/csrc/weight_only_gemm.cpp) that reads each weight's 4 bits once; larger ones dequantize
+per call to float32 and multiply (exact either way; speeds in loadtests/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -27,8 +28,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Above this many rows the GEMM is compute-bound: dequantize once and use cuBLAS.
+from pagewire.model.cpu_kernels import weight_only_gemm_op
+
+# Above this many rows the GEMM is compute-bound: dequantize once and use cuBLAS (CUDA) or
+# MKL (CPU). Measured on CPU (loadtests/RESULTS.md): the C++ kernel beats a float32 layer at
+# 1-4 rows and the dequantize-then-multiply path up to 16.
 KERNEL_MAX_ROWS = 32
+CPU_KERNEL_MAX_ROWS = 16
 
 
 def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -116,6 +122,10 @@ class WeightOnlyLinear(nn.Module):
 
             out = weight_only_gemm(x2, self.qweight, self.scales, self.offsets, self.bits,
                                    self.group_size)
+        elif not x.is_cuda and x2.shape[0] <= CPU_KERNEL_MAX_ROWS and \
+                (op := weight_only_gemm_op()) is not None:
+            out = op.weight_only_gemm(x2.float(), self.qweight, self.scales, self.offsets,
+                                      self.bits, self.group_size).to(x.dtype)
         else:
             compute = x.dtype if x.is_cuda else torch.float32
             out = (x2.to(compute) @ self.dequantized_weight(compute).t()).to(x.dtype)
