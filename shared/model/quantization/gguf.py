@@ -17,8 +17,10 @@ layout's w = q * scale + offset:
 (In a Q4_0/Q4_1 block, byte j holds value j in its low nibble and value j + 16 in its high one;
 Q4_K does the same per 64 values with 32 bytes.) Q6_K's 6-bit values are held in 8 bits, and
 Q4_K/Q6_K's products d * sc are kept in float32 (not representable in f16); Q4_0/Q4_1/Q8_0's
-scales are f16 in the file and stay f16. Other tensors (norms, embeddings, the LM head) are
-dequantized by gguf's own reader, as transformers' conversion does. llama.cpp stores q and k
+scales are f16 in the file and stay f16. The token embedding (and the LM head, tied to it or
+not) stays in its blocks too when it is of these types (PackedEmbedding: a lookup unpacks only
+the tokens asked for); norms and anything else are dequantized by gguf's own reader, as
+transformers' conversion does. llama.cpp stores q and k
 with their rotary halves interleaved per head; the rows are put back (transformers' order).
 """
 
@@ -97,6 +99,41 @@ def block_integers(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarra
     raise ValueError(f"GGUF type {kind} is not held quantized (formats: {sorted(FORMATS)})")
 
 
+class PackedEmbedding(nn.Module):
+    """A token embedding [vocab, hidden] held as a WeightOnlyLinear of hidden -> vocab (its
+    rows are the layout's columns): a lookup gathers and unpacks the columns of the tokens
+    asked for; `project` is the LM head's matmul over the same blocks (a tied head)."""
+
+    def __init__(self, layer, dtype: torch.dtype):
+        super().__init__()
+        self.layer, self.dtype = layer, dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        from pagewire.model.quantization.weight_only import unpack_rows
+
+        flat = ids.reshape(-1)
+        layer = self.layer
+        q = unpack_rows(layer.qweight.index_select(1, flat), layer.bits)  # [K, T]
+        q = q.view(-1, layer.group_size, flat.numel()).to(self.dtype)
+        rows = q * layer.scales.index_select(1, flat).to(self.dtype).unsqueeze(1) + \
+            layer.offsets.index_select(1, flat).to(self.dtype).unsqueeze(1)
+        return rows.view(layer.in_features, -1).t().reshape(*ids.shape, layer.in_features)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.layer(hidden)
+
+
+class TiedPackedHead(nn.Module):
+    """The LM head of a tied model whose embedding stays packed: the embedding's blocks."""
+
+    def __init__(self, embedding: PackedEmbedding):
+        super().__init__()
+        object.__setattr__(self, "embedding", embedding)  # not a submodule: held once
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.embedding.project(hidden)
+
+
 def _unrope_rows(num_rows: int, heads: int) -> torch.Tensor:
     """Row order that undoes llama.cpp's interleaving of each head's rotary halves: row r of
     the model's weight is row order[r] of the file's."""
@@ -139,10 +176,9 @@ def prepare_gguf(model: nn.Module, gguf_path: str) -> None:
     Q4_K_M give v and down Q6_K): otherwise the model is refused at start."""
     from gguf import GGUFReader
 
-    from pagewire.model.quantization.weight_only import WeightOnlyLinear
-
     kinds = _projection_kinds(GGUFReader(gguf_path))
-    exact_f16 = all(kind in EXACT_IN_F16 for kind in kinds.values())
+    exact_f16 = all(kind in EXACT_IN_F16 for kind in kinds_all(gguf_path).values()
+                    if kind in FORMATS)
     fused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -160,14 +196,44 @@ def prepare_gguf(model: nn.Module, gguf_path: str) -> None:
             if kind not in FORMATS:
                 raise ValueError(f"{prefix}{child_name}: GGUF type {kind} is not held "
                                  f"quantized (formats: {sorted(FORMATS)})")
-            bits, group = FORMATS[kind]
-            layer = WeightOnlyLinear.empty_like(child, bits, group)
-            if exact_f16:  # the file's own f16 scales: exact, and the file's size
-                layer.scales = layer.scales.to(torch.float16)
-                layer.offsets = layer.offsets.to(torch.float16)
-            else:
-                layer.scales, layer.offsets = layer.scales.float(), layer.offsets.float()
+            # f16 scales where the file's are f16: exact, and the file's size
+            layer = _packed_layer(child.in_features, child.out_features, kind,
+                                  child.weight.dtype, child.weight.device, exact_f16)
             setattr(module, child_name, layer)
+    _prepare_embeddings(model, kinds_all(gguf_path), exact_f16)
+
+
+def kinds_all(gguf_path: str) -> dict[str, str]:
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(gguf_path).tensors}
+
+
+def _packed_layer(in_features, out_features, kind, dtype, device, exact_f16):
+    from pagewire.model.quantization.weight_only import WeightOnlyLinear
+
+    bits, group = FORMATS[kind]
+    layer = WeightOnlyLinear(in_features, out_features, bits, group, dtype, device=device)
+    scale_dtype = torch.float16 if exact_f16 else torch.float32
+    layer.scales, layer.offsets = layer.scales.to(scale_dtype), layer.offsets.to(scale_dtype)
+    return layer
+
+
+def _prepare_embeddings(model: nn.Module, kinds: dict[str, str], exact_f16: bool) -> None:
+    """The token embedding and LM head stay in their blocks where their types allow."""
+    embed = model.embed_tokens
+    dtype, device = embed.weight.dtype, embed.weight.device
+    vocab, hidden = embed.weight.shape
+    kind = kinds.get("token_embd.weight")
+    tied = model.spec.tie_word_embeddings or "output.weight" not in kinds
+    if kind in FORMATS:
+        model.embed_tokens = PackedEmbedding(
+            _packed_layer(hidden, vocab, kind, dtype, device, exact_f16), dtype)
+        if tied:
+            model.lm_head = TiedPackedHead(model.embed_tokens)
+    if not tied and kinds.get("output.weight") in FORMATS:
+        model.lm_head = _packed_layer(hidden, vocab, kinds["output.weight"], dtype, device,
+                                      exact_f16)
 
 
 def gguf_tensors(gguf_path: str, num_heads: int, num_kv_heads: int
@@ -184,8 +250,11 @@ def gguf_tensors(gguf_path: str, num_heads: int, num_kv_heads: int
         part = prefix.rsplit(".", 1)[-1]
         kind = tensor.tensor_type.name
         heads = {"q_proj": num_heads, "k_proj": num_kv_heads}.get(part)
-        if part.endswith("_proj") and part != "lm_head":
+        packed_embedding = part in ("embed_tokens", "lm_head") and kind in FORMATS
+        if (part.endswith("_proj") and part != "lm_head") or packed_embedding:
             order = None if heads is None else _unrope_rows(tensor.data.shape[0], heads)
+            if part == "embed_tokens":
+                prefix += ".layer"
             for key, value in _quantized_projection(tensor, kind, order).items():
                 yield f"{prefix}.{key}", value
             continue
