@@ -9,7 +9,12 @@ of 10. A sweep of tiles and split-K picks the best launch per shape beside the d
 token, the 32 layers' four projections summed: the decode step's GEMM time, bf16 against
 W4A16. Writes $OUT/gpu_weight_only.json.
 
+--cpu times the CPU paths instead, on the embedded SmolLM2-135M's projections (4 bits, groups
+of 32 as its Q4_1): the engine's float32 layer (oneDNN-prepacked at these batch sizes), the C++
+kernel (model/csrc/weight_only_gemm.cpp) and dequantize-then-multiply, median of 50 calls.
+
     python loadtests/gpu_weight_only.py            # on the GPU, from the repo root
+    python loadtests/gpu_weight_only.py --cpu      # the CPU kernel against float32
     python loadtests/gpu_weight_only.py --smoke    # CPU, interpreter, tiny shapes: checks only
 """
 
@@ -29,6 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
           "down": (14336, 4096)}
 SMOKE_SHAPES = {"qkv": (256, 96), "down": (512, 64)}
+SMOLLM2_SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072),
+                  "down": (1536, 576)}
 BATCHES = (1, 2, 4, 8, 16)
 LAYERS = 32
 
@@ -78,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--cpu", action="store_true")
     args = parser.parse_args(argv)
     _load_pagewire()
+    if args.cpu:
+        return cpu_main()
     from pagewire.kernels.weight_only_gemm import weight_only_gemm, weight_only_gemm_reference
     from pagewire.model.quantization.weight_only import pack_rows
 
@@ -132,6 +142,53 @@ def main(argv: list[str] | None = None) -> int:
     if out:
         Path(out, "gpu_weight_only.json").write_text(json.dumps(report, indent=2))
     return 1 if failures else 0
+
+
+def cpu_main() -> int:
+    """The CPU paths at the embedded model's shapes; prints a table, writes the JSON."""
+    import time
+
+    from pagewire.model.layers import Linear
+    from pagewire.model.quantization.weight_only import WeightOnlyLinear
+
+    def median_us(call) -> float:
+        for _ in range(5):
+            call()
+        times = []
+        for _ in range(50):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e6
+
+    rows, layers = [], 30
+    for name, (k, n) in SMOLLM2_SHAPES.items():
+        packed = WeightOnlyLinear(k, n, 4, 32, torch.float16)
+        packed.init_dummy(torch.Generator().manual_seed(k + n))
+        dense = Linear(k, n, bias=False)
+        dense.weight.data = packed.reference_weight()
+        dense.pack_for_cpu()
+        for m in (1, 4, 16, 64):
+            x = torch.randn(m, k)
+            with torch.inference_mode():
+                row = {"layer": name, "k": k, "n": n, "m": m,
+                       "float32_us": median_us(lambda d=dense, x=x: d(x)),
+                       "kernel_us": median_us(lambda p=packed, x=x: p(x)) if m <= 16 else None,
+                       "dequantize_us": median_us(
+                           lambda p=packed, x=x: x @ p.dequantized_weight().t())}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    for m in (1, 4, 16):
+        sel = [r for r in rows if r["m"] == m]
+        f32 = layers * sum(r["float32_us"] for r in sel) / 1e3
+        kernel = layers * sum(r["kernel_us"] for r in sel) / 1e3
+        deq = layers * sum(r["dequantize_us"] for r in sel) / 1e3
+        print(f"M={m:>2}: 30 layers' projections float32 {f32:.2f} ms, C++ kernel "
+              f"{kernel:.2f} ms ({f32 / kernel:.2f}x), dequantize-then-multiply {deq:.2f} ms")
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "cpu_weight_only.json").write_text(json.dumps(rows, indent=2))
+    return 0
 
 
 def _time(gemm, x, qweight, scales, offsets, dense, group, sweep, copy_bw) -> dict:
