@@ -104,6 +104,13 @@ class EngineConfig:
     activation scales; fp8 GEMMs on Ada/Hopper GPUs). A checkpoint's own quantization_config
     (compressed-tensors W8A8 or W4A16/W8A16, GPTQ, AWQ) is detected and loaded in its packed
     layout without it. None: the model's dtype."""
+    tensor_parallel_size: int = 1
+    """Ranks (processes; one GPU each on CUDA) that each hold a slice of every layer
+    (parallel/). Above 1, steps run synchronously and without CUDA graphs, with neither
+    speculative decoding nor pre-quantized checkpoints, and in the offline engine only: the
+    first step of tensor parallelism."""
+    pipeline_parallel_size: int = 1
+    """Accepted as vLLM's name; only 1 runs so far."""
     speculative_config: SpeculativeConfig | dict | str | None = None
     """Speculative decoding, vLLM's dict (or its JSON): {"method": "ngram",
     "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}. Kept as a
@@ -138,6 +145,20 @@ class EngineConfig:
         check_quantization(self.quantization)
         object.__setattr__(self, "speculative_config",
                            SpeculativeConfig.parse(self.speculative_config))
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size != 1:
+            raise ValueError("pipeline_parallel_size > 1 is not supported yet")
+        if self.tensor_parallel_size > 1:
+            if self.speculative_config is not None:
+                raise ValueError("speculative decoding with tensor_parallel_size > 1 is not "
+                                 "supported yet")
+            if self.quantization not in (None, "fp8"):
+                raise ValueError(f"quantization={self.quantization!r} with tensor_parallel_size "
+                                 "> 1 is not supported yet (fp8 is)")
+            if self.async_scheduling:
+                raise ValueError("async_scheduling with tensor_parallel_size > 1 is not "
+                                 "supported yet")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {tuple(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
@@ -176,13 +197,13 @@ class EngineConfig:
 
     @property
     def use_cuda_graphs(self) -> bool:
-        return self.use_triton and not self.enforce_eager
+        return self.use_triton and not self.enforce_eager and self.tensor_parallel_size == 1
 
     @property
     def use_async_scheduling(self) -> bool:
         if self.async_scheduling is not None:
             return self.async_scheduling
-        return self.device.startswith("cuda")
+        return self.device.startswith("cuda") and self.tensor_parallel_size == 1
 
     @property
     def torch_dtype(self) -> torch.dtype:

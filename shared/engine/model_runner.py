@@ -8,6 +8,7 @@ and import (kv_transfer.py).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import logging
@@ -35,6 +36,8 @@ from pagewire.model.quantization import (
 )
 from pagewire.model.quantization.gguf import gguf_tensors, prepare_gguf
 from pagewire.model.weights import init_dummy_weights, iter_safetensors, load_weights
+from pagewire.parallel import step_message
+from pagewire.parallel.step_message import StepInputs
 from pagewire.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata
 from pagewire.spec_decode.draft_model import DraftModelProposer
 from pagewire.spec_decode.rejection import verify
@@ -98,6 +101,11 @@ class ModelRunner:
         config = self.config = config.replace(
             quantization=checkpoint_method(hf_config, config.quantization))
         self.spec = ModelSpec.from_hf_config(hf_config)
+        # Tensor parallelism: this process is rank 0; the others hold the other slices.
+        self.tp, self.followers, self.shard = None, [], None
+        self.local_spec = self.spec  # this rank's heads and widths (all of them at TP=1)
+        if config.tensor_parallel_size > 1:
+            self._start_tensor_parallel(config.tensor_parallel_size)
         self.model = self._load_model(source)
         speculative = config.speculative_config
         self.draft = None  # the draft model of speculative decoding, with its own cache
@@ -109,7 +117,9 @@ class ModelRunner:
         self.kv_cache_file: str | None = None  # in config.kv_cache_shared_dir, when there
         self.kv_cache = self._allocate_kv_cache(
             (self.spec.num_layers, 2, self.kv_info.num_blocks, config.block_size,
-             self.spec.num_kv_heads, self.spec.head_dim))
+             self.local_spec.num_kv_heads, self.spec.head_dim))
+        if self.tp is not None:
+            step_message.send(self.tp, step_message.ALLOCATE, value=self.kv_info.num_blocks)
         self.layer_caches = list(self.kv_cache.unbind(0))
         if self.draft is not None:
             self.draft.allocate_cache(self.kv_info.num_blocks)
@@ -127,7 +137,36 @@ class ModelRunner:
                     query_len=speculative.num_speculative_tokens + 1)
 
     def _load_model(self, source: ModelSource) -> LlamaForCausalLM:
-        return load_model(self.spec, source, self.config)
+        return load_model(self.spec, source, self.config, shard=self.shard, tp=self.tp)
+
+    def _start_tensor_parallel(self, size: int) -> None:
+        """Launches ranks 1..size-1 (parallel/follower.py) and joins their group as rank 0."""
+        from pagewire.launcher import free_port
+        from pagewire.parallel import follower
+        from pagewire.parallel.group import TPGroup
+        from pagewire.parallel.partition import RankShard
+
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        self.followers = [follower.start(self.config, rank, size, init_method)
+                          for rank in range(1, size)]
+        self.tp = TPGroup(0, size, init_method, self.device)
+        self.shard = RankShard.of(self.spec, 0, size)
+        self.local_spec = self.shard.local_spec(self.spec)
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Stops the other tensor-parallel ranks (idempotent)."""
+        if self.tp is None:
+            return
+        tp, self.tp = self.tp, None
+        with contextlib.suppress(Exception):  # a rank that is already gone
+            step_message.send(tp, step_message.STOP)
+        for process in self.followers:
+            try:
+                process.wait(timeout=10)
+            except Exception:
+                process.kill()
+        tp.close()
 
     def _allocate_kv_cache(self, shape: tuple[int, ...]) -> torch.Tensor:
         folder = self.config.kv_cache_shared_dir
@@ -142,7 +181,7 @@ class ModelRunner:
         return torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
 
     def _block_bytes(self) -> int:
-        spec = self.spec
+        spec = self.local_spec  # this rank's KV heads
         return (2 * spec.num_layers * self.config.block_size * spec.num_kv_heads * spec.head_dim
                 * torch.finfo(self.kv_dtype).bits // 8)
 
@@ -161,27 +200,11 @@ class ModelRunner:
         return KVCacheInfo(num_blocks, self.config.block_size, block_bytes)
 
     def _cuda_kv_budget(self) -> int:
-        """What gpu_memory_utilization leaves after the weights and a full-budget forward."""
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        num_tokens = self.config.token_budget
-        num_blocks = -(-num_tokens // self.config.block_size)
-        scratch = torch.zeros((self.spec.num_layers, 2, num_blocks, self.config.block_size,
-                               self.spec.num_kv_heads, self.spec.head_dim),
-                              dtype=self.kv_dtype, device=self.device)
-        meta = build_attention_metadata([num_tokens], [num_tokens], [list(range(num_blocks))],
-                                        self.config.block_size, self.device)
-        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        with torch.inference_mode():
-            hidden = self.model(ids, torch.arange(num_tokens, device=self.device),
-                                list(scratch.unbind(0)), meta)
-            self.model.compute_logits(hidden[-min(num_tokens, self.config.seq_limit):])
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - scratch.numel() * scratch.itemsize
-        del scratch, hidden
-        torch.cuda.empty_cache()
-        _, total = torch.cuda.mem_get_info(self.device)
-        return int(total * self.config.gpu_memory_utilization) - peak
+        if self.tp is None:
+            return profile_kv_budget(self.model, self.spec, self.config, self.device)
+        step_message.send(self.tp, step_message.PROFILE)  # every rank profiles its slice
+        return self.tp.min(profile_kv_budget(self.model, self.local_spec, self.config,
+                                             self.device))
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, in_flight: StepResult | None = None) -> StepResult:
@@ -225,7 +248,8 @@ class ModelRunner:
 
             def patch(ids: torch.Tensor) -> None:
                 ids[rows] = in_flight.output.sampled_token_ids[sources]
-        hidden = self._forward(seqs, num_new, input_ids, positions, context_lens, patch)
+        hidden = self._forward(seqs, num_new, input_ids, positions, context_lens, patch,
+                               logit_rows)
         if not sampling_seqs:
             return StepResult([], None)
         if len(logit_rows) < hidden.shape[0]:
@@ -284,7 +308,8 @@ class ModelRunner:
                           {seq: row for seq, row in zip(seqs, last_rows)},
                           needs_host_tokens=True, num_rows=num_rows)
 
-    def _forward(self, seqs, num_new, input_ids, positions, context_lens, patch) -> torch.Tensor:
+    def _forward(self, seqs, num_new, input_ids, positions, context_lens, patch,
+                 logit_rows: list[int]) -> torch.Tensor:
         block_tables = [s.block_table for s in seqs]
         verify = self.verify_graphs
         if verify is not None and patch is None and len(seqs) <= verify.max_batch and \
@@ -296,6 +321,12 @@ class ModelRunner:
         if graphs is not None and len(seqs) <= graphs.max_batch and \
                 len(input_ids) == len(seqs):  # decode only: one new token per sequence
             return graphs.run(input_ids, positions, context_lens, block_tables, patch)
+        if self.tp is not None:  # no async scheduling here: every input token is known
+            step = StepInputs(num_new, context_lens, input_ids, positions, logit_rows,
+                              block_tables)
+            step_message.send(self.tp, step_message.STEP, step)
+            return run_step(self.model, self.layer_caches, step, self.config.block_size,
+                            self.device)
         meta = build_attention_metadata(num_new, context_lens, block_tables,
                                         self.config.block_size, self.device)
         ids = to_device(input_ids, torch.long, self.device)
@@ -362,15 +393,16 @@ class ModelRunner:
 
 @torch.inference_mode()
 def load_model(spec: ModelSpec, source: ModelSource, config: EngineConfig,
-               load_format: str | None = None) -> LlamaForCausalLM:
+               load_format: str | None = None, shard=None, tp=None) -> LlamaForCausalLM:
     """The model of `spec` on the config's device and dtype, with its weights (or random
-    ones for load_format dummy)."""
+    ones for load_format dummy). shard, tp: a tensor-parallel rank's slice and group."""
     device, dtype = torch.device(config.device), config.torch_dtype
     torch.manual_seed(config.seed)
     # Made in the target dtype: made in float32 and cast, an 8B model held 48 GB at its
     # peak and left 32 GB cached, so two workers sharing a GPU ran out of memory.
     with torch.device(device), _default_dtype(dtype):
-        model = LlamaForCausalLM(spec, config.use_triton).to(dtype)
+        local = spec if shard is None else shard.local_spec(spec)
+        model = LlamaForCausalLM(local, config.use_triton, shard, tp).to(dtype)
     hf_config = AutoConfig.from_pretrained(source.model_dir)
     if config.quantization in CHECKPOINT_METHODS:  # stored quantized: load it as it is
         prepare_for_checkpoint(model, hf_config)
@@ -384,13 +416,49 @@ def load_model(spec: ModelSpec, source: ModelSource, config: EngineConfig,
     elif config.quantization == "gguf":
         load_weights(model, gguf_tensors(source.gguf_file, spec.num_heads, spec.num_kv_heads))
     else:
-        load_weights(model, checkpoint_tensors(iter_safetensors(source.model_dir), hf_config))
+        load_weights(model, checkpoint_tensors(iter_safetensors(source.model_dir), hf_config),
+                     shard)
     if config.quantization == "fp8":
         quantize_model(model, config.quantization)
     if device.type == "cpu" and dtype == torch.float32:
         model.pack_for_cpu()
         paged_decode_attention_op()  # compile (once per machine) before the first step
     return model.eval()
+
+
+def run_step(model, layer_caches, step: StepInputs, block_size: int,
+             device: torch.device) -> torch.Tensor:
+    """One forward from plain step inputs: rank 0 and its followers run the same one."""
+    meta = build_attention_metadata(step.num_new, step.context_lens, step.block_tables,
+                                    block_size, device)
+    return model(to_device(step.input_ids, torch.long, device),
+                 to_device(step.positions, torch.long, device), layer_caches, meta)
+
+
+def profile_kv_budget(model, spec: ModelSpec, config: EngineConfig,
+                      device: torch.device) -> int:
+    """What gpu_memory_utilization leaves after the weights and a full-budget forward (spec:
+    this rank's, for its KV heads)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    num_tokens = config.token_budget
+    num_blocks = -(-num_tokens // config.block_size)
+    scratch = torch.zeros((spec.num_layers, 2, num_blocks, config.block_size,
+                           spec.num_kv_heads, spec.head_dim),
+                          dtype=config.kv_torch_dtype, device=device)
+    meta = build_attention_metadata([num_tokens], [num_tokens], [list(range(num_blocks))],
+                                    config.block_size, device)
+    ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
+    with torch.inference_mode():
+        hidden = model(ids, torch.arange(num_tokens, device=device), list(scratch.unbind(0)),
+                       meta)
+        model.compute_logits(hidden[-min(num_tokens, config.seq_limit):])
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - scratch.numel() * scratch.itemsize
+    del scratch, hidden
+    torch.cuda.empty_cache()
+    _, total = torch.cuda.mem_get_info(device)
+    return int(total * config.gpu_memory_utilization) - peak
 
 
 @contextlib.contextmanager

@@ -91,8 +91,11 @@ class ModelSpec:
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, use_triton: bool):
+    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, use_triton: bool, tp=None):
+        """spec: this rank's (its heads only, under tensor parallelism); tp: the TPGroup whose
+        ranks' o_proj outputs sum to the block's output."""
         super().__init__()
+        self.tp = tp
         self.num_heads, self.num_kv_heads, self.head_dim = (
             spec.num_heads, spec.num_kv_heads, spec.head_dim)
         self.q_size = spec.num_heads * spec.head_dim
@@ -119,25 +122,27 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn.forward(q, k, v, kv_cache, meta))
+        out = self.o_proj(self.attn.forward(q, k, v, kv_cache, meta))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec, use_triton: bool):
+    def __init__(self, spec: ModelSpec, use_triton: bool, tp=None):
         super().__init__()
-        self.use_triton = use_triton
+        self.use_triton, self.tp = use_triton, tp
         self.gate_up_proj = Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
         self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.use_triton))
+        out = self.down_proj(silu_and_mul(self.gate_up_proj(x), self.use_triton))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, use_triton: bool):
+    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, use_triton: bool, tp=None):
         super().__init__()
-        self.self_attn = Attention(spec, rotary, use_triton)
-        self.mlp = MLP(spec, use_triton)
+        self.self_attn = Attention(spec, rotary, use_triton, tp)
+        self.mlp = MLP(spec, use_triton, tp)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, use_triton)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, use_triton)
 
@@ -151,18 +156,41 @@ class DecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
+class VocabParallelEmbedding(nn.Embedding):
+    """This rank's rows of the embedding: tokens outside them look up zeros, and the ranks'
+    lookups sum to the full one."""
+
+    def __init__(self, vocab_start: int, vocab_size: int, hidden_size: int, tp):
+        super().__init__(vocab_size, hidden_size)
+        self.vocab_start, self.tp = vocab_start, tp
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.vocab_start
+        inside = (local >= 0) & (local < self.num_embeddings)
+        out = super().forward(local.clamp(0, self.num_embeddings - 1))
+        return self.tp.all_reduce(out * inside.unsqueeze(-1).to(out.dtype))
+
+
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, spec: ModelSpec, use_triton: bool = False):
-        """use_triton: the Triton kernels (kernels/) for attention and the small ops; CUDA only."""
+    def __init__(self, spec: ModelSpec, use_triton: bool = False, shard=None, tp=None):
+        """use_triton: the Triton kernels (kernels/) for attention and the small ops; CUDA only.
+        Under tensor parallelism, spec is this rank's local spec, shard its RankShard
+        (parallel/partition.py) and tp the TPGroup."""
         super().__init__()
-        self.spec = spec
+        self.spec, self.tp = spec, tp
         rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta,
                                  spec.rope_scaling, use_triton)
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, rotary, use_triton)
+        vocab = spec.vocab_size if shard is None else shard.vocab.size
+        if tp is None:
+            self.embed_tokens = nn.Embedding(vocab, spec.hidden_size)
+        else:
+            self.embed_tokens = VocabParallelEmbedding(shard.vocab.start, vocab,
+                                                       spec.hidden_size, tp)
+            self.vocab_sizes = list(shard.vocab_sizes)
+        self.layers = nn.ModuleList(DecoderLayer(spec, rotary, use_triton, tp)
                                     for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, use_triton)
-        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = Linear(spec.hidden_size, vocab, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -176,7 +204,10 @@ class LlamaForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        if self.tp is not None:  # each rank scored its slice of the vocabulary
+            logits = self.tp.gather_columns(logits, self.vocab_sizes)
+        return logits
 
     def pack_for_cpu(self) -> None:
         """Prepacks every projection for oneDNN (after the weights are loaded)."""

@@ -51,9 +51,35 @@ BUFFER_SHARD_DIMS = {"weight": 0, "weight_scale": 0, "qweight": 1, "scales": 1, 
 SHARD_DIMS = {**BUFFER_SHARD_DIMS, "bias": 0}
 
 
+def rank_slice(name: str, tensor: torch.Tensor, shard, head_dim: int) -> torch.Tensor:
+    """A tensor-parallel rank's part of a checkpoint tensor (parallel/partition.py's RankShard):
+    rows of its heads, intermediate width or vocabulary for column-parallel layers, columns for
+    row-parallel ones (o_proj, down_proj; their bias on rank 0 only, as the ranks' outputs are
+    summed), the whole of anything else."""
+    parts = name.split(".")
+    module, kind = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", "")
+    rows = {"q_proj": shard.q_heads, "k_proj": shard.kv_heads, "v_proj": shard.kv_heads}
+    if module in rows:
+        cut = rows[module]
+        return tensor.narrow(0, cut.start * head_dim, cut.size * head_dim)
+    if module in ("gate_proj", "up_proj"):
+        return tensor.narrow(0, shard.intermediate.start, shard.intermediate.size)
+    if module in ("embed_tokens", "lm_head"):
+        return tensor.narrow(0, shard.vocab.start, shard.vocab.size)
+    if module in ("o_proj", "down_proj"):
+        if kind == "bias":
+            return tensor if shard.rank == 0 else torch.zeros_like(tensor)
+        if module == "down_proj":
+            return tensor.narrow(1, shard.intermediate.start, shard.intermediate.size)
+        return tensor.narrow(1, shard.q_heads.start * head_dim, shard.q_heads.size * head_dim)
+    return tensor
+
+
 @torch.no_grad()
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Copies checkpoint tensors into the model; every parameter must be written exactly once."""
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                 shard=None) -> None:
+    """Copies checkpoint tensors into the model; every parameter must be written exactly once.
+    shard: a tensor-parallel rank's RankShard; each tensor is cut to its part first."""
     params = {name: buffer for name, buffer in model.named_buffers()
               if name.rsplit(".", 1)[-1] in BUFFER_SHARD_DIMS}
     params.update(model.named_parameters(remove_duplicate=False))
@@ -64,10 +90,12 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
             continue
         if name == "lm_head.weight" and model.spec.tie_word_embeddings:
             continue
-        shard = None
+        if shard is not None:
+            tensor = rank_slice(name, tensor, shard, model.spec.head_dim)
+        fused_shard = None
         for sub, (fused, index) in PACKED.items():
             if f".{sub}." in name:
-                name, shard = name.replace(f".{sub}.", f".{fused}."), index
+                name, fused_shard = name.replace(f".{sub}.", f".{fused}."), index
                 break
         if name not in params:
             raise ValueError(f"checkpoint tensor {ckpt_name!r} has no place in the model")
@@ -78,9 +106,9 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
             # layer keeps one per output row (a fused layer's shards each had their own).
             tensor = tensor.float().reshape(-1)
             if tensor.numel() == 1:
-                tensor = tensor.expand(param.shape[0] if shard is None else
-                                       _shard_sizes(model, name.split(".")[-2])[shard])
-        if shard is None:
+                tensor = tensor.expand(param.shape[0] if fused_shard is None else
+                                       _shard_sizes(model, name.split(".")[-2])[fused_shard])
+        if fused_shard is None:
             target = param
         elif SHARD_DIMS.get(kind, 0) is None:
             # Shared by the shards (act-order's permutation): they must agree.
@@ -89,11 +117,12 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
             if not first and not torch.equal(param, tensor.to(param.device, param.dtype)):
                 raise ValueError(f"{ckpt_name}: differs from the other projections fused with "
                                  "it, which pagewire cannot load fused")
-            name = f"{name}#{shard}"
+            name = f"{name}#{fused_shard}"
         else:
             sizes = _shard_sizes(model, name.split(".")[-2])
-            target = param.narrow(SHARD_DIMS.get(kind, 0), sum(sizes[:shard]), sizes[shard])
-            name = f"{name}#{shard}"
+            target = param.narrow(SHARD_DIMS.get(kind, 0), sum(sizes[:fused_shard]),
+                                  sizes[fused_shard])
+            name = f"{name}#{fused_shard}"
         if target.shape != tensor.shape:
             raise ValueError(f"{ckpt_name}: shape {tuple(tensor.shape)} does not match the "
                              f"model's {tuple(target.shape)}")

@@ -1,0 +1,95 @@
+"""A tensor-parallel rank other than 0: loads its slice of the model, then runs every forward
+rank 0 announces (step_message.py) until told to stop or rank 0 goes away (a collective then
+fails and this process exits).
+
+    python -m pagewire.parallel.follower --rank 1 --size 2 --init-method tcp://127.0.0.1:PORT \
+        --config '{"model": null, "device": "cpu", ...}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+
+def start(config, rank: int, size: int, init_method: str):
+    """Rank 0's side: launches this module for `rank` (JSON settings, no pickle)."""
+    import dataclasses
+    import subprocess
+
+    settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                if f.name != "speculative_config"}
+    return subprocess.Popen([sys.executable, "-P", "-m", "pagewire.parallel.follower",
+                             "--rank", str(rank), "--size", str(size),
+                             "--init-method", init_method, "--config", json.dumps(settings)])
+
+
+def rank_device(config, rank: int) -> torch.device:
+    """One GPU per rank (cuda:rank); CPU ranks share the host."""
+    return torch.device(f"cuda:{rank}" if config.device.startswith("cuda") else "cpu")
+
+
+@torch.inference_mode()
+def serve(config, rank: int, size: int, init_method: str) -> int:
+    from transformers import AutoConfig
+
+    from pagewire.engine.model_runner import load_model, profile_kv_budget, run_step
+    from pagewire.model.llama import ModelSpec
+    from pagewire.model.model_source import resolve_model
+    from pagewire.parallel import step_message
+    from pagewire.parallel.group import TPGroup
+    from pagewire.parallel.partition import RankShard
+
+    device = rank_device(config, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    config = config.replace(device=str(device))
+    group = TPGroup(rank, size, init_method, device)
+    source = resolve_model(config.model, config.tokenizer)
+    spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(source.model_dir))
+    shard = RankShard.of(spec, rank, size)
+    local = shard.local_spec(spec)
+    model = load_model(spec, source, config, shard=shard, tp=group)
+    caches: list[torch.Tensor] = []
+    try:
+        while True:
+            kind, value, step = step_message.receive(group)
+            if kind == step_message.STOP:
+                return 0
+            if kind == step_message.PROFILE:
+                group.min(profile_kv_budget(model, local, config, device))
+            elif kind == step_message.ALLOCATE:
+                caches = list(torch.zeros(
+                    (local.num_layers, 2, value, config.block_size, local.num_kv_heads,
+                     local.head_dim), dtype=config.kv_torch_dtype, device=device).unbind(0))
+            else:
+                hidden = run_step(model, caches, step, config.block_size, device)
+                if step.logit_rows:
+                    rows = torch.tensor(step.logit_rows, dtype=torch.long, device=device)
+                    model.compute_logits(hidden[rows])
+    except RuntimeError as exc:  # a collective failed: rank 0 (or another rank) is gone
+        print(f"pagewire: tensor-parallel rank {rank} stops: {str(exc).splitlines()[0][:200]}",
+              file=sys.stderr, flush=True)
+        return 1
+    finally:
+        group.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--size", type=int, required=True)
+    parser.add_argument("--init-method", required=True)
+    parser.add_argument("--config", required=True, help="EngineConfig's fields as JSON")
+    args = parser.parse_args(argv)
+    from pagewire.config import EngineConfig
+
+    config = EngineConfig(**json.loads(args.config))
+    return serve(config, args.rank, args.size, args.init_method)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

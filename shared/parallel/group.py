@@ -1,0 +1,61 @@
+"""The collectives a tensor-parallel model and engine use: one process group per engine, on
+its own TCP store (so several engines can live in one process, as tests make them), gloo on
+CPU and NCCL on CUDA, outside torch.distributed's global default group. A collective that
+fails (a rank died, its socket closed) raises: the engine stops and its worker is treated as
+lost."""
+
+from __future__ import annotations
+
+import datetime
+from urllib.parse import urlparse
+
+import torch
+import torch.distributed as dist
+
+# A rank that dies mid-collective usually closes its sockets and the others fail at once; the
+# timeout bounds the rest (a hung, not dead, peer).
+TIMEOUT = datetime.timedelta(seconds=60)
+
+
+class TPGroup:
+    def __init__(self, rank: int, size: int, init_method: str, device: torch.device):
+        """init_method: tcp://HOST:PORT, where rank 0 listens for the others."""
+        self.rank, self.size, self.device = rank, size, device
+        address = urlparse(init_method)
+        self._store = dist.TCPStore(address.hostname, address.port, size, is_master=rank == 0,
+                                    timeout=TIMEOUT)
+        if device.type == "cuda":
+            self._pg = dist.ProcessGroupNCCL(self._store, rank, size)
+        else:
+            self._pg = dist.ProcessGroupGloo(self._store, rank, size, TIMEOUT)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place (row-parallel layers' partial products)."""
+        self._pg.allreduce([x]).wait()
+        return x
+
+    def gather_columns(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """x [rows, sizes[rank]] on every rank -> [rows, sum(sizes)] (the LM head's slices of
+        the vocabulary; padded to the widest slice for the collective)."""
+        width = max(sizes)
+        padded = x if x.shape[1] == width else torch.nn.functional.pad(
+            x, (0, width - x.shape[1]))
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        self._pg.allgather([parts], [padded.contiguous()]).wait()
+        return torch.cat([part[:, :n] for part, n in zip(parts, sizes)], dim=1)
+
+    def min(self, value: int) -> int:
+        """The smallest of every rank's value (a KV budget all ranks can hold)."""
+        t = torch.tensor([value], dtype=torch.long, device=self.device)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MIN
+        self._pg.allreduce([t], opts).wait()
+        return int(t.item())
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """From rank 0 to all (in place)."""
+        self._pg.broadcast(x, 0).wait()
+        return x
+
+    def close(self) -> None:
+        self._pg = self._store = None

@@ -1,0 +1,71 @@
+"""Which slice of each layer a tensor-parallel rank holds.
+
+Attention heads are split by KV-head group (a KV head and the query heads that read it stay on
+one rank), as evenly as the groups go: SmolLM2-135M's 3 KV heads over 2 ranks give 2 and 1
+(6 and 3 query heads). With fewer KV heads than ranks, each KV head is replicated on the ranks
+that share its query heads (vLLM's rule), so the query heads must split evenly then. The MLP's
+intermediate width and the vocabulary are split in contiguous, near-equal slices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from pagewire.model.llama import ModelSpec
+
+
+@dataclass(frozen=True)
+class Slice:
+    start: int
+    size: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.size
+
+
+def even_slice(total: int, rank: int, size: int) -> Slice:
+    """Contiguous slices whose sizes differ by at most one, the larger first."""
+    base, extra = divmod(total, size)
+    start = rank * base + min(rank, extra)
+    return Slice(start, base + (rank < extra))
+
+
+@dataclass(frozen=True)
+class RankShard:
+    """One rank's slice of the model: in heads, rows of the intermediate width and of the
+    vocabulary."""
+
+    rank: int
+    size: int
+    q_heads: Slice
+    kv_heads: Slice
+    intermediate: Slice
+    vocab: Slice
+    vocab_sizes: tuple[int, ...]  # every rank's share of the vocabulary (the LM head's gather)
+
+    @classmethod
+    def of(cls, spec: ModelSpec, rank: int, size: int) -> RankShard:
+        if size < 1 or not 0 <= rank < size:
+            raise ValueError(f"rank {rank} of {size}")
+        group = spec.num_heads // spec.num_kv_heads
+        if spec.num_kv_heads >= size:
+            kv = even_slice(spec.num_kv_heads, rank, size)
+            q = Slice(kv.start * group, kv.size * group)
+        else:
+            if spec.num_heads % size:
+                raise ValueError(f"{spec.num_heads} query heads cannot split over {size} ranks "
+                                 f"with {spec.num_kv_heads} KV heads")
+            per_rank = spec.num_heads // size
+            q = Slice(rank * per_rank, per_rank)
+            kv = Slice(q.start // group, 1)  # replicated on the ranks of its group
+        return cls(rank, size, q, kv, even_slice(spec.intermediate_size, rank, size),
+                   even_slice(spec.vocab_size, rank, size),
+                   tuple(even_slice(spec.vocab_size, r, size).size for r in range(size)))
+
+    def local_spec(self, spec: ModelSpec) -> ModelSpec:
+        """The spec this rank's model is built from: its own heads and widths."""
+        return dataclasses.replace(spec, num_heads=self.q_heads.size,
+                                   num_kv_heads=self.kv_heads.size,
+                                   intermediate_size=self.intermediate.size)
