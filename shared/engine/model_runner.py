@@ -36,7 +36,7 @@ from pagewire.model.quantization import (
 )
 from pagewire.model.quantization.gguf import gguf_tensors, prepare_gguf
 from pagewire.model.weights import init_dummy_weights, iter_safetensors, load_weights
-from pagewire.parallel import step_message
+from pagewire.parallel import kv_blocks, step_message
 from pagewire.parallel.step_message import StepInputs
 from pagewire.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata
 from pagewire.spec_decode.draft_model import DraftModelProposer
@@ -153,6 +153,9 @@ class ModelRunner:
         self.shard = RankShard.of(self.spec, 0, size)
         self.local_spec = self.shard.local_spec(self.spec)
         atexit.register(self.close)
+
+    def _gather_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        return gather_rank_blocks(self.tp, self.spec, self.kv_cache, block_ids)
 
     def close(self) -> None:
         """Stops the other tensor-parallel ranks (idempotent)."""
@@ -371,7 +374,16 @@ class ModelRunner:
         """Starts copying blocks out, as [n, layers, 2, block_size, kv_heads, head_dim] on the
         host (pinned). The copy is queued behind the steps already launched and before any
         later one, so the blocks may be freed and reused as soon as this returns. On CPU, `out`
-        receives the blocks directly, one copy per block (KVExport.wait fills it on CUDA)."""
+        receives the blocks directly, one copy per block (KVExport.wait fills it on CUDA).
+        Under tensor parallelism the ranks' heads are gathered: the blocks leave with all of
+        them (parallel/kv_blocks.py)."""
+        if self.tp is not None:
+            step_message.send_block_ids(self.tp, step_message.READ_BLOCKS, block_ids)
+            blocks = self._gather_blocks(block_ids)
+            if out is not None:
+                out.copy_(blocks)
+                return HostCopy([out])
+            return HostCopy([blocks])
         if out is not None and self.device.type == "cpu":
             for i, block_id in enumerate(block_ids):
                 out[i].copy_(self.kv_cache[:, :, block_id])
@@ -381,7 +393,12 @@ class ModelRunner:
 
     def write_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
         """Queues imported blocks into the cache (from pinned memory when `blocks` is pinned
-        already, else staged there) without waiting for the steps in flight."""
+        already, else staged there) without waiting for the steps in flight. Under tensor
+        parallelism the blocks (all heads) go to every rank, which keeps its own heads."""
+        if self.tp is not None:
+            step_message.send_block_ids(self.tp, step_message.WRITE_BLOCKS, block_ids)
+            blocks = kv_blocks.broadcast_blocks(self.tp, blocks, None, self.kv_dtype)
+            blocks = blocks[..., self.shard.kv_heads.start:self.shard.kv_heads.stop, :]
         index = to_device(block_ids, torch.long, self.device)
         blocks = to_device(blocks, self.kv_dtype, self.device).movedim(0, 2)
         if self.kv_dtype.itemsize == 1:  # torch has no index_copy_ for fp8 on CPU: copy bytes
@@ -424,6 +441,28 @@ def load_model(spec: ModelSpec, source: ModelSource, config: EngineConfig,
         model.pack_for_cpu()
         paged_decode_attention_op()  # compile (once per machine) before the first step
     return model.eval()
+
+
+def gather_rank_blocks(group, spec: ModelSpec, kv_cache: torch.Tensor,
+                       block_ids: list[int]) -> torch.Tensor:
+    """Blocks [n, L, 2, bs, all kv heads, D] from every rank's cache (a KV export)."""
+    from pagewire.parallel.partition import RankShard
+
+    shards = [RankShard.of(spec, rank, group.size) for rank in range(group.size)]
+    index = torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)
+    local = kv_cache.index_select(2, index).movedim(2, 0)
+    return kv_blocks.gather_heads(group, shards, local, spec.num_kv_heads)
+
+
+def write_rank_blocks(kv_cache: torch.Tensor, block_ids: list[int],
+                      blocks: torch.Tensor) -> None:
+    """This rank's heads of imported blocks [n, L, 2, bs, heads, D] into its cache."""
+    index = torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)
+    blocks = blocks.to(kv_cache.dtype).movedim(0, 2)
+    if kv_cache.dtype.itemsize == 1:
+        kv_cache.view(torch.uint8).index_copy_(2, index, blocks.view(torch.uint8))
+    else:
+        kv_cache.index_copy_(2, index, blocks)
 
 
 def run_step(model, layer_caches, step: StepInputs, block_size: int,

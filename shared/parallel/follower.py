@@ -36,10 +36,16 @@ def rank_device(config, rank: int) -> torch.device:
 def serve(config, rank: int, size: int, init_method: str) -> int:
     from transformers import AutoConfig
 
-    from pagewire.engine.model_runner import load_model, profile_kv_budget, run_step
+    from pagewire.engine.model_runner import (
+        gather_rank_blocks,
+        load_model,
+        profile_kv_budget,
+        run_step,
+        write_rank_blocks,
+    )
     from pagewire.model.llama import ModelSpec
     from pagewire.model.model_source import resolve_model
-    from pagewire.parallel import step_message
+    from pagewire.parallel import kv_blocks, step_message
     from pagewire.parallel.group import TPGroup
     from pagewire.parallel.partition import RankShard
 
@@ -54,6 +60,7 @@ def serve(config, rank: int, size: int, init_method: str) -> int:
     local = shard.local_spec(spec)
     model = load_model(spec, source, config, shard=shard, tp=group)
     caches: list[torch.Tensor] = []
+    kv_cache = None
     try:
         while True:
             kind, value, step = step_message.receive(group)
@@ -62,9 +69,18 @@ def serve(config, rank: int, size: int, init_method: str) -> int:
             if kind == step_message.PROFILE:
                 group.min(profile_kv_budget(model, local, config, device))
             elif kind == step_message.ALLOCATE:
-                caches = list(torch.zeros(
+                kv_cache = torch.zeros(
                     (local.num_layers, 2, value, config.block_size, local.num_kv_heads,
-                     local.head_dim), dtype=config.kv_torch_dtype, device=device).unbind(0))
+                     local.head_dim), dtype=config.kv_torch_dtype, device=device)
+                caches = list(kv_cache.unbind(0))
+            elif kind == step_message.READ_BLOCKS:
+                gather_rank_blocks(group, spec, kv_cache, step)
+            elif kind == step_message.WRITE_BLOCKS:
+                shape = (len(step), local.num_layers, 2, config.block_size, spec.num_kv_heads,
+                         local.head_dim)
+                blocks = kv_blocks.broadcast_blocks(group, None, shape, config.kv_torch_dtype)
+                write_rank_blocks(kv_cache, step, blocks[..., shard.kv_heads.start:
+                                                             shard.kv_heads.stop, :])
             else:
                 hidden = run_step(model, caches, step, config.block_size, device)
                 if step.logit_rows:

@@ -34,14 +34,19 @@ class TPGroup:
         self._pg.allreduce([x]).wait()
         return x
 
+    def all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's x (same shape everywhere), in rank order."""
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        self._pg.allgather([parts], [x]).wait()
+        return parts
+
     def gather_columns(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """x [rows, sizes[rank]] on every rank -> [rows, sum(sizes)] (the LM head's slices of
         the vocabulary; padded to the widest slice for the collective)."""
         width = max(sizes)
         padded = x if x.shape[1] == width else torch.nn.functional.pad(
             x, (0, width - x.shape[1]))
-        parts = [torch.empty_like(padded) for _ in range(self.size)]
-        self._pg.allgather([parts], [padded.contiguous()]).wait()
+        parts = self.all_gather(padded.contiguous())
         return torch.cat([part[:, :n] for part, n in zip(parts, sizes)], dim=1)
 
     def min(self, value: int) -> int:

@@ -5,6 +5,9 @@ same forward, so every rank's collectives meet.
     header  [kind, num_seqs, num_tokens, num_logit_rows, table_width, value]
     body    num_new[num_seqs] + context_lens[num_seqs] + input_ids[num_tokens] +
             positions[num_tokens] + logit_rows[num_logit_rows] + block_tables[num_seqs x width]
+
+READ_BLOCKS and WRITE_BLOCKS (a KV export or import) carry block ids instead (header value:
+how many); the blocks themselves follow as a gather or a broadcast (parallel/kv_blocks.py).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-STOP, STEP, PROFILE, ALLOCATE = 0, 1, 2, 3
+STOP, STEP, PROFILE, ALLOCATE, READ_BLOCKS, WRITE_BLOCKS = 0, 1, 2, 3, 4, 5
 HEADER = 6
 
 
@@ -42,10 +45,19 @@ def send(group, kind: int, step: StepInputs | None = None, value: int = 0) -> No
     group.broadcast(torch.tensor(body, dtype=torch.long, device=group.device))
 
 
-def receive(group) -> tuple[int, int, StepInputs | None]:
-    """A follower: (kind, value, the step's inputs or None)."""
+def send_block_ids(group, kind: int, block_ids: list[int]) -> None:
+    group.broadcast(torch.tensor([kind, 0, 0, 0, 0, len(block_ids)], dtype=torch.long,
+                                 device=group.device))
+    group.broadcast(torch.tensor(block_ids, dtype=torch.long, device=group.device))
+
+
+def receive(group) -> tuple[int, int, StepInputs | list[int] | None]:
+    """A follower: (kind, value, the step's inputs, the block ids, or None)."""
     header = group.broadcast(torch.empty(HEADER, dtype=torch.long, device=group.device))
     kind, seqs, tokens, rows, width, value = header.tolist()
+    if kind in (READ_BLOCKS, WRITE_BLOCKS):
+        ids = group.broadcast(torch.empty(value, dtype=torch.long, device=group.device))
+        return kind, value, ids.tolist()
     if kind != STEP:
         return kind, value, None
     sizes = [seqs, seqs, tokens, tokens, rows, seqs * width]
