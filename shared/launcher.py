@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fp8: workers quantize their weights at load; gguf: a .gguf "
                              "model's weights stay in its blocks; a checkpoint's own "
                              "(compressed-tensors, GPTQ, AWQ) is detected without it")
+    parser.add_argument("--tensor-parallel-size", type=int, default=None,
+                        help="workers' tensor parallelism: each worker runs this many "
+                             "processes, each with a slice of every layer")
     parser.add_argument("--speculative-config", default=None, metavar="JSON",
                         help='decode and colocated workers speculate: {"method": "ngram", '
                              '"num_speculative_tokens": 4}, vLLM\'s keys')
@@ -272,6 +275,7 @@ def _worker_flags(args, role: str) -> list[str]:
                         ("--kv-cache-dtype", args.kv_cache_dtype),
                         ("--kv-transports", args.kv_transports),
                         ("--quantization", args.quantization),
+                        ("--tensor-parallel-size", args.tensor_parallel_size),
                         ("--speculative-config", speculative)):
         if value is not None:
             flags += [flag, str(value)]

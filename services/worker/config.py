@@ -53,7 +53,12 @@ class WorkerConfig:
             raise ValueError(f"port must be in [0, 65535]; got {self.port}")
         if self.kv_chunk_bytes <= 0 or self.max_message_bytes <= self.kv_chunk_bytes:
             raise ValueError("need 0 < kv_chunk_bytes < max_message_bytes")
-        object.__setattr__(self, "kv_transports", check_transports(self.kv_transports))
+        transports = check_transports(self.kv_transports)
+        if self.engine.tensor_parallel_size > 1:
+            # The other transports read or write rank 0's cache memory in place; a TP engine's
+            # KV is spread over its ranks and moves through export/import (all heads).
+            transports = ("grpc",)
+        object.__setattr__(self, "kv_transports", transports)
         if self.test_kv_push_pause_s < 0:
             raise ValueError(f"test_kv_push_pause_s must be >= 0; got {self.test_kv_push_pause_s}")
 
@@ -73,6 +78,7 @@ class WorkerConfig:
                               kv_cache_dtype=environ.get("PAGEWIRE_KV_CACHE_DTYPE") or "auto",
                               speculative_config=environ.get("PAGEWIRE_SPECULATIVE_CONFIG"),
                               quantization=environ.get("PAGEWIRE_QUANTIZATION") or None,
+                              tensor_parallel_size=number("PAGEWIRE_TENSOR_PARALLEL_SIZE", 1),
                               show_progress=False)
         return cls(role=environ.get("PAGEWIRE_WORKER_ROLE", "both"),
                    host=environ.get("PAGEWIRE_WORKER_HOST", "127.0.0.1"),

@@ -393,6 +393,10 @@ def parse_args(argv: Sequence[str] | None) -> WorkerConfig:
     parser.add_argument("--quantization", default=defaults.engine.quantization,
                         choices=QUANTIZATION_METHODS,
                         help="quantize the weights at load: fp8 (env PAGEWIRE_QUANTIZATION)")
+    parser.add_argument("--tensor-parallel-size", type=int,
+                        default=defaults.engine.tensor_parallel_size,
+                        help="processes (one GPU each on CUDA) holding a slice of every layer; "
+                             "KV then moves over gRPC (env PAGEWIRE_TENSOR_PARALLEL_SIZE)")
     parser.add_argument("--speculative-config", default=defaults.engine.speculative_config,
                         help='speculative decoding, as JSON: {"method": "ngram", '
                              '"num_speculative_tokens": 4} or {"method": "draft_model", '
@@ -418,7 +422,8 @@ def parse_args(argv: Sequence[str] | None) -> WorkerConfig:
                                  max_model_len=args.max_model_len,
                                  kv_cache_dtype=args.kv_cache_dtype,
                                  speculative_config=args.speculative_config,
-                                 quantization=args.quantization)
+                                 quantization=args.quantization,
+                                 tensor_parallel_size=args.tensor_parallel_size)
     return WorkerConfig(role=args.role, host=args.host, port=args.port,
                         worker_id=args.worker_id, engine=engine, redis_url=args.redis_url,
                         redis_namespace=args.redis_namespace, advertise_address=args.advertise,
