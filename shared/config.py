@@ -110,7 +110,8 @@ class EngineConfig:
     speculative decoding nor pre-quantized checkpoints, and in the offline engine only: the
     first step of tensor parallelism."""
     pipeline_parallel_size: int = 1
-    """Accepted as vLLM's name; only 1 runs so far."""
+    """Stages (processes) of consecutive layers (parallel/pipeline.py), in the offline engine
+    and without tensor parallelism beside it so far; one step in flight at a time."""
     speculative_config: SpeculativeConfig | dict | str | None = None
     """Speculative decoding, vLLM's dict (or its JSON): {"method": "ngram",
     "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}. Kept as a
@@ -147,21 +148,29 @@ class EngineConfig:
                            SpeculativeConfig.parse(self.speculative_config))
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.pipeline_parallel_size != 1:
-            raise ValueError("pipeline_parallel_size > 1 is not supported yet")
-        if self.tensor_parallel_size > 1:
+        if self.pipeline_parallel_size < 1:
+            raise ValueError("pipeline_parallel_size must be >= 1, got "
+                             f"{self.pipeline_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.pipeline_parallel_size > 1:
+            raise ValueError("tensor and pipeline parallelism together are not supported yet")
+        if self.parallel_size > 1:
             if self.speculative_config is not None:
-                raise ValueError("speculative decoding with tensor_parallel_size > 1 is not "
-                                 "supported yet")
+                raise ValueError("speculative decoding with tensor or pipeline parallelism is "
+                                 "not supported yet")
             if self.quantization not in (None, "fp8"):
-                raise ValueError(f"quantization={self.quantization!r} with tensor_parallel_size "
-                                 "> 1 is not supported yet (fp8 is)")
+                raise ValueError(f"quantization={self.quantization!r} with tensor or pipeline "
+                                 "parallelism is not supported yet (fp8 is)")
             if self.async_scheduling:
-                raise ValueError("async_scheduling with tensor_parallel_size > 1 is not "
+                raise ValueError("async_scheduling with tensor or pipeline parallelism is not "
                                  "supported yet")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {tuple(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
+
+    @property
+    def parallel_size(self) -> int:
+        """Processes of one engine: tensor x pipeline ranks."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def use_triton(self) -> bool:
@@ -197,13 +206,13 @@ class EngineConfig:
 
     @property
     def use_cuda_graphs(self) -> bool:
-        return self.use_triton and not self.enforce_eager and self.tensor_parallel_size == 1
+        return self.use_triton and not self.enforce_eager and self.parallel_size == 1
 
     @property
     def use_async_scheduling(self) -> bool:
         if self.async_scheduling is not None:
             return self.async_scheduling
-        return self.device.startswith("cuda") and self.tensor_parallel_size == 1
+        return self.device.startswith("cuda") and self.parallel_size == 1
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -53,6 +53,8 @@ class WorkerConfig:
             raise ValueError(f"port must be in [0, 65535]; got {self.port}")
         if self.kv_chunk_bytes <= 0 or self.max_message_bytes <= self.kv_chunk_bytes:
             raise ValueError("need 0 < kv_chunk_bytes < max_message_bytes")
+        if self.engine.pipeline_parallel_size > 1:
+            raise ValueError("pipeline parallelism runs in the offline engine only so far")
         transports = check_transports(self.kv_transports)
         if self.engine.tensor_parallel_size > 1:
             # The other transports read or write rank 0's cache memory in place; a TP engine's

@@ -101,11 +101,12 @@ class ModelRunner:
         config = self.config = config.replace(
             quantization=checkpoint_method(hf_config, config.quantization))
         self.spec = ModelSpec.from_hf_config(hf_config)
-        # Tensor parallelism: this process is rank 0; the others hold the other slices.
-        self.tp, self.followers, self.shard = None, [], None
-        self.local_spec = self.spec  # this rank's heads and widths (all of them at TP=1)
-        if config.tensor_parallel_size > 1:
-            self._start_tensor_parallel(config.tensor_parallel_size)
+        # Tensor or pipeline parallelism: this process is rank 0; the others hold the other
+        # slices (parallel/). self.tp is the group of all ranks, which step messages cross.
+        self.tp, self.followers, self.shard, self.stage = None, [], None, None
+        self.local_spec = self.spec  # this rank's heads, widths and layers (all at size 1)
+        if config.parallel_size > 1:
+            self._start_parallel()
         self.model = self._load_model(source)
         speculative = config.speculative_config
         self.draft = None  # the draft model of speculative decoding, with its own cache
@@ -116,7 +117,7 @@ class ModelRunner:
         self.kv_info = self._plan_kv_cache()
         self.kv_cache_file: str | None = None  # in config.kv_cache_shared_dir, when there
         self.kv_cache = self._allocate_kv_cache(
-            (self.spec.num_layers, 2, self.kv_info.num_blocks, config.block_size,
+            (self.local_spec.num_layers, 2, self.kv_info.num_blocks, config.block_size,
              self.local_spec.num_kv_heads, self.spec.head_dim))
         if self.tp is not None:
             step_message.send(self.tp, step_message.ALLOCATE, value=self.kv_info.num_blocks)
@@ -137,21 +138,22 @@ class ModelRunner:
                     query_len=speculative.num_speculative_tokens + 1)
 
     def _load_model(self, source: ModelSource) -> LlamaForCausalLM:
-        return load_model(self.spec, source, self.config, shard=self.shard, tp=self.tp)
+        return load_model(self.spec, source, self.config, shard=self.shard, tp=self.tp,
+                          stage=self.stage)
 
-    def _start_tensor_parallel(self, size: int) -> None:
+    def _start_parallel(self) -> None:
         """Launches ranks 1..size-1 (parallel/follower.py) and joins their group as rank 0."""
         from pagewire.launcher import free_port
         from pagewire.parallel import follower
         from pagewire.parallel.group import TPGroup
-        from pagewire.parallel.partition import RankShard
 
+        size = self.config.parallel_size
         init_method = f"tcp://127.0.0.1:{free_port()}"
         self.followers = [follower.start(self.config, rank, size, init_method)
                           for rank in range(1, size)]
         self.tp = TPGroup(0, size, init_method, self.device)
-        self.shard = RankShard.of(self.spec, 0, size)
-        self.local_spec = self.shard.local_spec(self.spec)
+        self.shard, self.stage = rank_slices(self.spec, self.config, 0)
+        self.local_spec = (self.shard or self.stage).local_spec(self.spec)
         atexit.register(self.close)
 
     def _gather_blocks(self, block_ids: list[int]) -> torch.Tensor:
@@ -377,6 +379,8 @@ class ModelRunner:
         receives the blocks directly, one copy per block (KVExport.wait fills it on CUDA).
         Under tensor parallelism the ranks' heads are gathered: the blocks leave with all of
         them (parallel/kv_blocks.py)."""
+        if self.stage is not None:
+            raise RuntimeError("KV export under pipeline parallelism is not supported yet")
         if self.tp is not None:
             step_message.send_block_ids(self.tp, step_message.READ_BLOCKS, block_ids)
             blocks = self._gather_blocks(block_ids)
@@ -395,6 +399,8 @@ class ModelRunner:
         """Queues imported blocks into the cache (from pinned memory when `blocks` is pinned
         already, else staged there) without waiting for the steps in flight. Under tensor
         parallelism the blocks (all heads) go to every rank, which keeps its own heads."""
+        if self.stage is not None:
+            raise RuntimeError("KV import under pipeline parallelism is not supported yet")
         if self.tp is not None:
             step_message.send_block_ids(self.tp, step_message.WRITE_BLOCKS, block_ids)
             blocks = kv_blocks.broadcast_blocks(self.tp, blocks, None, self.kv_dtype)
@@ -409,17 +415,34 @@ class ModelRunner:
 
 
 @torch.inference_mode()
+def rank_slices(spec: ModelSpec, config: EngineConfig, rank: int):
+    """(RankShard or None, PipelineStage or None): what `rank` holds of the model."""
+    from pagewire.parallel.partition import PipelineStage, RankShard
+
+    if config.tensor_parallel_size > 1:
+        return RankShard.of(spec, rank, config.tensor_parallel_size), None
+    return None, PipelineStage.of(spec, rank, config.pipeline_parallel_size)
+
+
 def load_model(spec: ModelSpec, source: ModelSource, config: EngineConfig,
-               load_format: str | None = None, shard=None, tp=None) -> LlamaForCausalLM:
+               load_format: str | None = None, shard=None, tp=None,
+               stage=None) -> LlamaForCausalLM:
     """The model of `spec` on the config's device and dtype, with its weights (or random
-    ones for load_format dummy). shard, tp: a tensor-parallel rank's slice and group."""
+    ones for load_format dummy). shard or stage: a tensor-parallel rank's slice or a pipeline
+    stage; tp: the group of all ranks."""
     device, dtype = torch.device(config.device), config.torch_dtype
     torch.manual_seed(config.seed)
     # Made in the target dtype: made in float32 and cast, an 8B model held 48 GB at its
     # peak and left 32 GB cached, so two workers sharing a GPU ran out of memory.
     with torch.device(device), _default_dtype(dtype):
-        local = spec if shard is None else shard.local_spec(spec)
-        model = LlamaForCausalLM(local, config.use_triton, shard, tp).to(dtype)
+        if stage is not None:
+            from pagewire.parallel.pipeline import PipelineStageModel
+
+            model = PipelineStageModel(spec, stage.local_spec(spec), config.use_triton, stage,
+                                       tp).to(dtype)
+        else:
+            local = spec if shard is None else shard.local_spec(spec)
+            model = LlamaForCausalLM(local, config.use_triton, shard, tp).to(dtype)
     hf_config = AutoConfig.from_pretrained(source.model_dir)
     if config.quantization in CHECKPOINT_METHODS:  # stored quantized: load it as it is
         prepare_for_checkpoint(model, hf_config)
@@ -434,7 +457,7 @@ def load_model(spec: ModelSpec, source: ModelSource, config: EngineConfig,
         load_weights(model, gguf_tensors(source.gguf_file, spec.num_heads, spec.num_kv_heads))
     else:
         load_weights(model, checkpoint_tensors(iter_safetensors(source.model_dir), hf_config),
-                     shard)
+                     shard, stage)
     if config.quantization == "fp8":
         quantize_model(model, config.quantization)
     if device.type == "cpu" and dtype == torch.float32:

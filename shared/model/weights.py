@@ -77,9 +77,10 @@ def rank_slice(name: str, tensor: torch.Tensor, shard, head_dim: int) -> torch.T
 
 @torch.no_grad()
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
-                 shard=None) -> None:
+                 shard=None, stage=None) -> None:
     """Copies checkpoint tensors into the model; every parameter must be written exactly once.
-    shard: a tensor-parallel rank's RankShard; each tensor is cut to its part first."""
+    shard: a tensor-parallel rank's RankShard; each tensor is cut to its part first. stage: a
+    pipeline stage's PipelineStage; only its tensors are read (parallel/pipeline.py)."""
     params = {name: buffer for name, buffer in model.named_buffers()
               if name.rsplit(".", 1)[-1] in BUFFER_SHARD_DIMS}
     params.update(model.named_parameters(remove_duplicate=False))
@@ -90,6 +91,12 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
             continue
         if name == "lm_head.weight" and model.spec.tie_word_embeddings:
             continue
+        if stage is not None:
+            from pagewire.parallel.pipeline import stage_name
+
+            name = stage_name(name, stage, model.spec.tie_word_embeddings)
+            if name is None:
+                continue
         if shard is not None:
             tensor = rank_slice(name, tensor, shard, model.spec.head_dim)
         fused_shard = None

@@ -40,6 +40,7 @@ def serve(config, rank: int, size: int, init_method: str) -> int:
         gather_rank_blocks,
         load_model,
         profile_kv_budget,
+        rank_slices,
         run_step,
         write_rank_blocks,
     )
@@ -47,7 +48,6 @@ def serve(config, rank: int, size: int, init_method: str) -> int:
     from pagewire.model.model_source import resolve_model
     from pagewire.parallel import kv_blocks, step_message
     from pagewire.parallel.group import TPGroup
-    from pagewire.parallel.partition import RankShard
 
     device = rank_device(config, rank)
     if device.type == "cuda":
@@ -56,9 +56,9 @@ def serve(config, rank: int, size: int, init_method: str) -> int:
     group = TPGroup(rank, size, init_method, device)
     source = resolve_model(config.model, config.tokenizer)
     spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(source.model_dir))
-    shard = RankShard.of(spec, rank, size)
-    local = shard.local_spec(spec)
-    model = load_model(spec, source, config, shard=shard, tp=group)
+    shard, stage = rank_slices(spec, config, rank)
+    local = (shard or stage).local_spec(spec)
+    model = load_model(spec, source, config, shard=shard, tp=group, stage=stage)
     caches: list[torch.Tensor] = []
     kv_cache = None
     try:

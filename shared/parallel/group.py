@@ -62,5 +62,13 @@ class TPGroup:
         self._pg.broadcast(x, 0).wait()
         return x
 
+    def send(self, x: torch.Tensor, dst: int) -> None:
+        """Point to point (a pipeline stage's activations to the next)."""
+        self._pg.send([x.contiguous()], dst, 0).wait()
+
+    def recv(self, x: torch.Tensor, src: int) -> torch.Tensor:
+        self._pg.recv([x], src, 0).wait()
+        return x
+
     def close(self) -> None:
         self._pg = self._store = None

@@ -69,3 +69,30 @@ class RankShard:
         return dataclasses.replace(spec, num_heads=self.q_heads.size,
                                    num_kv_heads=self.kv_heads.size,
                                    intermediate_size=self.intermediate.size)
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    """One pipeline-parallel rank's layers: a contiguous, near-equal run of them. The first
+    stage also holds the embedding, the last the final norm and the LM head."""
+
+    rank: int
+    size: int
+    layers: Slice
+
+    @classmethod
+    def of(cls, spec: ModelSpec, rank: int, size: int) -> PipelineStage:
+        if size > spec.num_layers:
+            raise ValueError(f"{spec.num_layers} layers cannot split into {size} stages")
+        return cls(rank, size, even_slice(spec.num_layers, rank, size))
+
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last(self) -> bool:
+        return self.rank == self.size - 1
+
+    def local_spec(self, spec: ModelSpec) -> ModelSpec:
+        return dataclasses.replace(spec, num_layers=self.layers.size)

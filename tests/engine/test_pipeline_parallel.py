@@ -1,0 +1,75 @@
+"""Pipeline parallelism on CPU (gloo, one process per stage): the embedded model's 30 layers
+in two stages of 15 give the single-process engine's greedy tokens and the very same logprobs
+(each layer's arithmetic is unchanged; only the hidden states travel), and a dead stage fails
+the engine's next step."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from transformers import LlamaConfig
+
+from pagewire import SamplingParams
+from pagewire.model.llama import ModelSpec
+from pagewire.parallel.partition import PipelineStage, Slice
+from pagewire.parallel.pipeline import stage_name
+from tests.engine.helpers import make_llm
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at", "Once upon a time"]
+
+
+def test_stages_take_consecutive_layers_and_their_own_tensors():
+    spec = ModelSpec.from_hf_config(LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, tie_word_embeddings=True))
+    first, last = (PipelineStage.of(spec, rank, 2) for rank in range(2))
+    assert (first.layers, last.layers) == (Slice(0, 3), Slice(3, 2))
+    assert last.local_spec(spec).num_layers == 2
+    assert stage_name("layers.4.mlp.down_proj.weight", last, True) == \
+        "layers.1.mlp.down_proj.weight"
+    assert stage_name("layers.4.mlp.down_proj.weight", first, True) is None
+    assert stage_name("embed_tokens.weight", first, True) == "embed_tokens.weight"
+    assert stage_name("embed_tokens.weight", last, True) == "lm_head.weight"  # tied head
+    assert stage_name("norm.weight", first, True) is None
+    with pytest.raises(ValueError, match="cannot split"):
+        PipelineStage.of(spec, 0, 6)
+
+
+@pytest.fixture(scope="module")
+def pp_llm():
+    llm = make_llm(pipeline_parallel_size=2)
+    yield llm
+    llm.engine.runner.close()
+
+
+def test_two_stages_give_the_single_process_tokens_and_logprobs(llm, pp_llm):
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    for a, b in zip(llm.generate(PROMPTS, greedy), pp_llm.generate(PROMPTS, greedy)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    first = SamplingParams(temperature=0, max_tokens=1, logprobs=10)
+    a = llm.generate(PROMPTS[1], first)[0].outputs[0].logprobs[0]
+    b = pp_llm.generate(PROMPTS[1], first)[0].outputs[0].logprobs[0]
+    assert {t: lp.logprob for t, lp in a.items()} == {t: lp.logprob for t, lp in b.items()}
+    runner = pp_llm.engine.runner
+    assert len(runner.model.layers) == 15 and runner.kv_cache.shape[0] == 15
+
+
+def test_a_killed_stage_fails_the_next_step_within_seconds():
+    llm = make_llm(pipeline_parallel_size=2)
+    follower = llm.engine.runner.followers[0]
+    follower.kill()
+    follower.wait()
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="Connection|closed|reset|Broken"):
+        llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4))
+    assert time.monotonic() - start < 30
+    llm.engine.runner.close()
+
+
+def test_parallel_settings_refused_where_they_do_not_run_yet():
+    with pytest.raises(ValueError, match="together"):
+        make_llm(tensor_parallel_size=2, pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match="speculative decoding with tensor or pipeline"):
+        make_llm(pipeline_parallel_size=2, speculative_config={
+            "method": "ngram", "num_speculative_tokens": 2})
