@@ -91,6 +91,8 @@ def main() -> int:
     parser.add_argument("--quantization", default=None, choices=("fp8",),
                         help="weights quantized at load")
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="ranks of one engine (one GPU each on CUDA)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="pagewire's share of the GPU (leave room for transformers)")
     parser.add_argument("--kernels", default="auto", choices=("auto", "torch"),
@@ -116,6 +118,7 @@ def main() -> int:
               max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, kernels=args.kernels,
               kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+              tensor_parallel_size=args.tensor_parallel_size,
               gpu_memory_utilization=args.gpu_memory_utilization,
               async_scheduling={"on": True, "off": False}.get(args.async_scheduling),
               show_progress=False)

@@ -1,0 +1,28 @@
+# Issue 19's tensor-parallel run, for a machine of two or more GPUs (kind nvidia-h100-x2 or
+# larger; not lent when written): W1 (Llama-3-8B shapes, dummy weights) at TP=1 on one GPU and
+# TP=2 on two, one process group each, one after the other; scaling efficiency is
+# tok/s(TP=2) / (2 x tok/s(TP=1)). Then, where four GPUs are lent, Llama-3-70B shapes at TP=4
+# (they do not fit one GPU in bf16): that it serves at all, and its W1 throughput.
+#   bash loadtests/gpu_tensor_parallel.sh [tp1 tp2 tp4-70b]
+set -euo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export OFFLINE_ONLY=1
+# shellcheck disable=SC1091
+source loadtests/gpu_setup.sh
+w1() {  # model, tp, label
+  python3 loadtests/offline_throughput.py --model "$1" --load-format dummy --dtype bfloat16 \
+    --device cuda --num-prompts 512 --min-len 128 --max-len 1024 --new-tokens 256 --rounds 2 \
+    --no-hf --max-model-len 4096 --full-warmup --tensor-parallel-size "$2" \
+    --json "$OUT/w1-$3.json" 2>&1 | tee -a "$OUT/tp.log"
+}
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(tp1 tp2)
+for step in "${steps[@]}"; do
+  case "$step" in
+    tp1) w1 loadtests/configs/llama3-8b 1 tp1 ;;
+    tp2) w1 loadtests/configs/llama3-8b 2 tp2 ;;
+    tp4-70b) w1 loadtests/configs/llama3-70b 4 tp4-70b ;;
+    *) echo "unknown step $step (tp1, tp2, tp4-70b)"; exit 2 ;;
+  esac
+done
