@@ -18,7 +18,7 @@ for step in "$@"; do
     kernels)
       python3 loadtests/gpu_weight_only.py 2>&1 | tee "$OUT/kernels.log" ;;
     decode)
-      for variant in bf16 fp8 w4a16; do
+      for variant in ${DECODE_VARIANTS:-bf16 fp8 w4a16}; do
         model=loadtests/configs/llama3-8b flags=()
         [ "$variant" = fp8 ] && flags=(--quantization fp8)
         [ "$variant" = w4a16 ] && model=loadtests/configs/llama3-8b-w4a16

@@ -1,6 +1,6 @@
 """Redis stopped and started again under a serving pipeline: requests keep being served (load-
 only routing on the last known workers), and the registry and the prefix index come back by
-themselves, without restarting any service."""
+themselves, without restarting any service; on every KV transport."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from pagewire.launcher import free_port
-from tests.faults.cluster import assert_no_kv_leaked, wait_for
+from tests.faults.cluster import TRANSPORTS, assert_no_kv_leaked, kv_bytes_by_transport, wait_for
 from tests.integration.stack import Stack
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
@@ -47,10 +47,12 @@ def ask(client, model: str, question: str):
         messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}])
 
 
-def test_serving_survives_a_redis_restart_and_the_index_comes_back():
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_serving_survives_a_redis_restart_and_the_index_comes_back(transport):
     port = free_port()
     server = start_redis(port)
-    stack = Stack(roles=("prefill", "decode"), redis_url=f"redis://127.0.0.1:{port}/0")
+    stack = Stack(roles=("prefill", "decode"), redis_url=f"redis://127.0.0.1:{port}/0",
+                  kv_transports=(transport,))
     try:
         client = stack.client()
         model = client.models.list().data[0].id
@@ -73,6 +75,8 @@ def test_serving_survives_a_redis_restart_and_the_index_comes_back():
         reply = ask(client, model, "Do you serve breakfast?")
         assert reply.usage.prompt_tokens_details.cached_tokens > 0
         assert_no_kv_leaked(f"http://127.0.0.1:{stack.port}")
+        # Every prompt's KV moved on the transport under test, Redis gone or not.
+        assert set(kv_bytes_by_transport(f"http://127.0.0.1:{stack.port}")) == {transport}
     finally:
         stack.stop()
         server.terminate()

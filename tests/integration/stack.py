@@ -40,8 +40,11 @@ class Stack:
 
     def __init__(self, roles: tuple[str, ...], api_key: str | None = None,
                  routing_policy: str = "prefix", redis_url: str = REDIS_URL,
-                 router_fields: dict | None = None) -> None:
+                 router_fields: dict | None = None,
+                 kv_transports: tuple[str, ...] | None = None) -> None:
+        """kv_transports: what the workers may use (WorkerConfig's default: all)."""
         self._routing_policy = routing_policy
+        self._kv_transports = kv_transports
         self._router_fields = router_fields or {}
         self.redis_url = redis_url
         self.loop = asyncio.new_event_loop()
@@ -58,9 +61,11 @@ class Stack:
         # The gateway enforces the context the workers run, which it learns from the tokenizer.
         self.tokenizer = await serve_tokenizer(TokenizerConfig(port=0,
                                                                max_model_len=ENGINE.max_model_len))
+        transports = {} if self._kv_transports is None else \
+            {"kv_transports": self._kv_transports}
         self.workers = [await serve_worker(WorkerConfig(
             role=role, port=0, engine=ENGINE, redis_url=self.redis_url,
-            redis_namespace=self.namespace)) for role in self._roles]
+            redis_namespace=self.namespace, **transports)) for role in self._roles]
         self.router = await serve_router(RouterConfig(port=0, redis_url=self.redis_url,
                                                       policy=self._routing_policy,
                                                       redis_namespace=self.namespace,
