@@ -8,10 +8,10 @@ and import (kv_transfer.py).
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import itertools
 import logging
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -154,24 +154,18 @@ class ModelRunner:
         self.tp = TPGroup(0, size, init_method, self.device)
         self.shard, self.stage = rank_slices(self.spec, self.config, 0)
         self.local_spec = (self.shard or self.stage).local_spec(self.spec)
-        atexit.register(self.close)
+        # Stops the ranks when this runner is collected or the process exits, whichever is
+        # first (an atexit hook on self would keep the model alive until exit).
+        self._stop_ranks = weakref.finalize(self, stop_ranks, self.tp, self.followers)
 
     def _gather_blocks(self, block_ids: list[int]) -> torch.Tensor:
         return gather_rank_blocks(self.tp, self.spec, self.kv_cache, block_ids)
 
     def close(self) -> None:
-        """Stops the other tensor-parallel ranks (idempotent)."""
-        if self.tp is None:
-            return
-        tp, self.tp = self.tp, None
-        with contextlib.suppress(Exception):  # a rank that is already gone
-            step_message.send(tp, step_message.STOP)
-        for process in self.followers:
-            try:
-                process.wait(timeout=10)
-            except Exception:
-                process.kill()
-        tp.close()
+        """Stops the other ranks (idempotent)."""
+        if self.tp is not None:
+            self.tp = None
+            self._stop_ranks()
 
     def _allocate_kv_cache(self, shape: tuple[int, ...]) -> torch.Tensor:
         folder = self.config.kv_cache_shared_dir
@@ -464,6 +458,18 @@ def load_model(spec: ModelSpec, source: ModelSource, config: EngineConfig,
         model.pack_for_cpu()
         paged_decode_attention_op()  # compile (once per machine) before the first step
     return model.eval()
+
+
+def stop_ranks(group, followers) -> None:
+    """Tells ranks 1..N-1 to stop, waits for them (killing any that hang), closes the group."""
+    with contextlib.suppress(Exception):  # a rank that is already gone
+        step_message.send(group, step_message.STOP)
+    for process in followers:
+        try:
+            process.wait(timeout=10)
+        except Exception:
+            process.kill()
+    group.close()
 
 
 def gather_rank_blocks(group, spec: ModelSpec, kv_cache: torch.Tensor,
