@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "worker lacks at most this many of its tokens (default 0)")
     parser.add_argument("--worker-gpus", type=_gpu_list, default=None, metavar="0,1,...",
                         help="pin worker i (prefill first, then decode, then colocated) to GPU "
-                             "i mod N through CUDA_VISIBLE_DEVICES")
+                             "i mod N through CUDA_VISIBLE_DEVICES; with --tensor-parallel-size "
+                             "T, to T consecutive GPUs of the list (one per rank)")
     return parser
 
 
@@ -283,10 +284,13 @@ def _worker_flags(args, role: str) -> list[str]:
 
 
 def _worker_env(args, index: int) -> dict[str, str] | None:
-    """The environment of the index-th worker: its own GPU when --worker-gpus is given."""
+    """The environment of the index-th worker: its own GPUs when --worker-gpus is given (as many
+    as its tensor-parallel ranks, consecutive in the list, wrapping around)."""
     if not args.worker_gpus:
         return None
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": args.worker_gpus[index % len(args.worker_gpus)]}
+    gpus, ranks = args.worker_gpus, args.tensor_parallel_size or 1
+    mine = [gpus[(index * ranks + rank) % len(gpus)] for rank in range(ranks)]
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(mine)}
 
 
 def _wait(stack: Stack, name: str, ready) -> None:

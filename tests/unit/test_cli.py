@@ -34,6 +34,10 @@ def test_up_pins_each_worker_to_a_gpu_and_passes_benchmark_flags():
     gpus = [launcher._worker_env(args, index)["CUDA_VISIBLE_DEVICES"] for index in range(3)]
     assert gpus == ["0", "1", "0"]
     assert launcher._worker_env(launcher.build_parser().parse_args([]), 0) is None
+    tp = launcher.build_parser().parse_args(["--worker-gpus", "0,1,2,3",
+                                             "--tensor-parallel-size", "2"])
+    assert [launcher._worker_env(tp, i)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == \
+        ["0,1", "2,3"]
 
 
 def test_worker_takes_dummy_weights_from_a_flag_or_the_environment(monkeypatch):
