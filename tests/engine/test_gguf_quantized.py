@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize, quantize
 
@@ -108,3 +109,45 @@ def test_gguf_needs_a_gguf_model(tmp_path):
     with pytest.raises(ValueError, match="needs a .gguf model"):
         make_llm(model=str(tmp_path), load_format="dummy", quantization="gguf")
 
+
+
+def test_a_fused_layer_of_mixed_types_takes_the_widest_layout():
+    """llama.cpp's Q4_K_M stores v (and down) in Q6_K beside Q4_K: q, k and v, fused in one
+    layer, are all held as 8-bit values in groups of 16, each Q4_K group's scale and offset
+    repeated over its two halves; the values are gguf's own."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    from pagewire.model.llama import LlamaForCausalLM, ModelSpec
+    from pagewire.model.quantization.gguf import (
+        _quantized_projection,
+        part_formats,
+        prepare_projections,
+    )
+
+    layer = "model.layers.0."
+    kinds = {layer + "self_attn.q_proj": "Q4_K", layer + "self_attn.k_proj": "Q4_K",
+             layer + "self_attn.v_proj": "Q6_K", layer + "self_attn.o_proj": "Q4_K",
+             layer + "mlp.gate_proj": "Q4_K", layer + "mlp.up_proj": "Q4_K",
+             layer + "mlp.down_proj": "Q6_K"}
+    formats = part_formats(kinds)
+    assert formats[layer + "self_attn.q_proj"] == formats[layer + "self_attn.v_proj"] == (8, 16)
+    assert formats[layer + "mlp.gate_proj"] == (4, 32)
+    spec = ModelSpec.from_hf_config(LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64))
+    model = LlamaForCausalLM(spec)
+    prepare_projections(model, kinds, exact_f16=False)
+    qkv = model.layers[0].self_attn.qkv_proj
+    assert (qkv.bits, qkv.group_size) == (8, 16)
+    assert (model.layers[0].mlp.gate_up_proj.bits, model.layers[0].mlp.down_proj.bits) == (4, 8)
+
+    raw = _blocks("Q4_K", 8, 256, seed=5)
+    packed = WeightOnlyLinear(256, 8, 8, 16, torch.float32)
+    for key, value in _quantized_projection(SimpleNamespace(data=raw), "Q4_K", None,
+                                            (8, 16)).items():
+        getattr(packed, key).copy_(value)
+    want = dequantize(raw, GGMLQuantizationType.Q4_K).reshape(8, 256)
+    np.testing.assert_allclose(packed.reference_weight().numpy(), want, rtol=1e-6,
+                               atol=1e-6 * np.abs(want).max())

@@ -141,8 +141,11 @@ def _unrope_rows(num_rows: int, heads: int) -> torch.Tensor:
     return torch.arange(num_rows).view(heads, half, 2).transpose(1, 2).reshape(-1)
 
 
-def _quantized_projection(tensor, kind: str, rows_order: torch.Tensor | None
-                          ) -> dict[str, torch.Tensor]:
+def _quantized_projection(tensor, kind: str, rows_order: torch.Tensor | None,
+                          target: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """One GGUF tensor's blocks in WeightOnlyLinear's layout: its own (bits, group), or the
+    wider bits and smaller group `target` of a fused layer whose parts differ (the values fit;
+    each group's scale and offset repeat over its sub-groups)."""
     from pagewire.model.quantization.weight_only import pack_rows
 
     n = tensor.data.shape[0]
@@ -156,8 +159,37 @@ def _quantized_projection(tensor, kind: str, rows_order: torch.Tensor | None
     offsets = torch.from_numpy(offsets.reshape(n, -1)).t()
     if rows_order is not None:  # output rows are the layout's columns
         q, scales, offsets = q[:, rows_order], scales[:, rows_order], offsets[:, rows_order]
-    return {"qweight": pack_rows(q.contiguous(), FORMATS[kind][0]),
+    bits, group = target or FORMATS[kind]
+    repeat = FORMATS[kind][1] // group
+    if repeat > 1:
+        scales, offsets = scales.repeat_interleave(repeat, 0), offsets.repeat_interleave(repeat, 0)
+    return {"qweight": pack_rows(q.contiguous(), bits),
             "scales": scales.contiguous(), "offsets": offsets.contiguous()}
+
+
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def layer_format(kinds) -> tuple[int, int]:
+    """(bits, group) a layer holds its parts in: the widest bits, the smallest group (GGUF's
+    groups, 16 and 32, divide each other). llama.cpp's mixes (Q4_K_M: v in Q6_K beside q and k
+    in Q4_K) put several types in one fused layer."""
+    unknown = sorted(set(kinds) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"GGUF type(s) {unknown} are not held quantized (formats: "
+                         f"{sorted(FORMATS)}; or use the default float path)")
+    return max(FORMATS[k][0] for k in kinds), min(FORMATS[k][1] for k in kinds)
+
+
+def part_formats(kinds: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """projection prefix -> the (bits, group) of the model layer it is fused into."""
+    out = {}
+    for prefix in kinds:
+        head, part = prefix.rsplit(".", 1)
+        siblings = next((parts for parts in FUSED.values() if part in parts), (part,))
+        out[prefix] = layer_format([kinds[f"{head}.{p}"] for p in siblings
+                                    if f"{head}.{p}" in kinds])
+    return out
 
 
 def _projection_kinds(reader) -> dict[str, str]:
@@ -171,36 +203,35 @@ def _projection_kinds(reader) -> dict[str, str]:
 
 
 def prepare_gguf(model: nn.Module, gguf_path: str) -> None:
-    """WeightOnlyLinear layers of each projection's GGUF type in place of the projections. The
-    layers fused in the model (q/k/v, gate/up) must share a type (llama.cpp's mixes such as
-    Q4_K_M give v and down Q6_K): otherwise the model is refused at start."""
+    """WeightOnlyLinear layers in place of the projections, each in its GGUF type's layout
+    (a fused layer of mixed types in the widest: layer_format)."""
     from gguf import GGUFReader
 
     kinds = _projection_kinds(GGUFReader(gguf_path))
     exact_f16 = all(kind in EXACT_IN_F16 for kind in kinds_all(gguf_path).values()
                     if kind in FORMATS)
-    fused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    prepare_projections(model, kinds, exact_f16)
+    _prepare_embeddings(model, kinds_all(gguf_path), exact_f16)
+
+
+def prepare_projections(model: nn.Module, kinds: dict[str, str], exact_f16: bool) -> None:
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name == "lm_head" or not child_name.endswith("_proj"):
                 continue
             prefix = "model." + (f"{name}." if name else "")
-            parts = fused.get(child_name, (child_name,))
-            found = {kinds.get(prefix + part) for part in parts}
-            if len(found) != 1 or None in found:
-                raise ValueError(f"{prefix}{child_name}: its GGUF tensors are of types "
-                                 f"{sorted(map(str, found))}; pagewire holds quantized only "
-                                 "projections whose fused parts share one of "
-                                 f"{sorted(FORMATS)} (or use the default float path)")
-            kind = found.pop()
-            if kind not in FORMATS:
-                raise ValueError(f"{prefix}{child_name}: GGUF type {kind} is not held "
-                                 f"quantized (formats: {sorted(FORMATS)})")
+            parts = FUSED.get(child_name, (child_name,))
+            found = [kinds.get(prefix + part) for part in parts]
+            if None in found:
+                raise ValueError(f"{prefix}{child_name}: the GGUF file lacks a part of it")
+            try:
+                bits, group = layer_format(found)
+            except ValueError as exc:
+                raise ValueError(f"{prefix}{child_name}: {exc}") from None
             # f16 scales where the file's are f16: exact, and the file's size
-            layer = _packed_layer(child.in_features, child.out_features, kind,
+            layer = _packed_layer(child.in_features, child.out_features, (bits, group),
                                   child.weight.dtype, child.weight.device, exact_f16)
             setattr(module, child_name, layer)
-    _prepare_embeddings(model, kinds_all(gguf_path), exact_f16)
 
 
 def kinds_all(gguf_path: str) -> dict[str, str]:
@@ -210,9 +241,10 @@ def kinds_all(gguf_path: str) -> dict[str, str]:
 
 
 def _packed_layer(in_features, out_features, kind, dtype, device, exact_f16):
+    """kind: a GGUF type name, or (bits, group)."""
     from pagewire.model.quantization.weight_only import WeightOnlyLinear
 
-    bits, group = FORMATS[kind]
+    bits, group = FORMATS[kind] if isinstance(kind, str) else kind
     layer = WeightOnlyLinear(in_features, out_features, bits, group, dtype, device=device)
     scale_dtype = torch.float16 if exact_f16 else torch.float32
     layer.scales, layer.offsets = layer.scales.to(scale_dtype), layer.offsets.to(scale_dtype)
@@ -244,6 +276,7 @@ def gguf_tensors(gguf_path: str, num_heads: int, num_kv_heads: int
     from gguf.quants import dequantize
 
     reader = GGUFReader(gguf_path)
+    targets = part_formats(_projection_kinds(reader))
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
         prefix = name.removesuffix(".weight")
@@ -255,7 +288,8 @@ def gguf_tensors(gguf_path: str, num_heads: int, num_kv_heads: int
             order = None if heads is None else _unrope_rows(tensor.data.shape[0], heads)
             if part == "embed_tokens":
                 prefix += ".layer"
-            for key, value in _quantized_projection(tensor, kind, order).items():
+            target = targets.get(prefix)
+            for key, value in _quantized_projection(tensor, kind, order, target).items():
                 yield f"{prefix}.{key}", value
             continue
         values = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type),
