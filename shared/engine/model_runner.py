@@ -399,12 +399,8 @@ class ModelRunner:
             step_message.send_block_ids(self.tp, step_message.WRITE_BLOCKS, block_ids)
             blocks = kv_blocks.broadcast_blocks(self.tp, blocks, None, self.kv_dtype)
             blocks = blocks[..., self.shard.kv_heads.start:self.shard.kv_heads.stop, :]
-        index = to_device(block_ids, torch.long, self.device)
-        blocks = to_device(blocks, self.kv_dtype, self.device).movedim(0, 2)
-        if self.kv_dtype.itemsize == 1:  # torch has no index_copy_ for fp8 on CPU: copy bytes
-            self.kv_cache.view(torch.uint8).index_copy_(2, index, blocks.view(torch.uint8))
-        else:
-            self.kv_cache.index_copy_(2, index, blocks)
+        write_rank_blocks(self.kv_cache, to_device(block_ids, torch.long, self.device),
+                          to_device(blocks, self.kv_dtype, self.device))
 
 
 
@@ -483,12 +479,12 @@ def gather_rank_blocks(group, spec: ModelSpec, kv_cache: torch.Tensor,
     return kv_blocks.gather_heads(group, shards, local, spec.num_kv_heads)
 
 
-def write_rank_blocks(kv_cache: torch.Tensor, block_ids: list[int],
+def write_rank_blocks(kv_cache: torch.Tensor, index: torch.Tensor,
                       blocks: torch.Tensor) -> None:
-    """This rank's heads of imported blocks [n, L, 2, bs, heads, D] into its cache."""
-    index = torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)
+    """Imported blocks [n, L, 2, bs, heads, D] (this rank's heads) into the cache's blocks
+    `index`, both already on the cache's device."""
     blocks = blocks.to(kv_cache.dtype).movedim(0, 2)
-    if kv_cache.dtype.itemsize == 1:
+    if kv_cache.dtype.itemsize == 1:  # torch has no index_copy_ for fp8 on CPU: copy bytes
         kv_cache.view(torch.uint8).index_copy_(2, index, blocks.view(torch.uint8))
     else:
         kv_cache.index_copy_(2, index, blocks)

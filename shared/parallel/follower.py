@@ -79,7 +79,8 @@ def serve(config, rank: int, size: int, init_method: str) -> int:
                 shape = (len(step), local.num_layers, 2, config.block_size, spec.num_kv_heads,
                          local.head_dim)
                 blocks = kv_blocks.broadcast_blocks(group, None, shape, config.kv_torch_dtype)
-                write_rank_blocks(kv_cache, step, blocks[..., shard.kv_heads.start:
+                index = torch.tensor(step, dtype=torch.long, device=device)
+                write_rank_blocks(kv_cache, index, blocks[..., shard.kv_heads.start:
                                                              shard.kv_heads.stop, :])
             else:
                 hidden = run_step(model, caches, step, config.block_size, device)
