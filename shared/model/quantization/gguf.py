@@ -192,26 +192,20 @@ def part_formats(kinds: dict[str, str]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _projection_kinds(reader) -> dict[str, str]:
+def _projection_kinds(all_kinds: dict[str, str]) -> dict[str, str]:
     """hf projection prefix -> GGUF type name, for the decoder's projections."""
-    kinds = {}
-    for tensor in reader.tensors:
-        if tensor.name.startswith("blk.") and tensor.name.split(".")[2] in _LAYER_NAMES and \
-                "norm" not in tensor.name:
-            kinds[hf_name(tensor.name).removesuffix(".weight")] = tensor.tensor_type.name
-    return kinds
+    return {hf_name(name).removesuffix(".weight"): kind for name, kind in all_kinds.items()
+            if name.startswith("blk.") and name.split(".")[2] in _LAYER_NAMES
+            and "norm" not in name}
 
 
 def prepare_gguf(model: nn.Module, gguf_path: str) -> None:
     """WeightOnlyLinear layers in place of the projections, each in its GGUF type's layout
     (a fused layer of mixed types in the widest: layer_format)."""
-    from gguf import GGUFReader
-
-    kinds = _projection_kinds(GGUFReader(gguf_path))
-    exact_f16 = all(kind in EXACT_IN_F16 for kind in kinds_all(gguf_path).values()
-                    if kind in FORMATS)
-    prepare_projections(model, kinds, exact_f16)
-    _prepare_embeddings(model, kinds_all(gguf_path), exact_f16)
+    all_kinds = kinds_all(gguf_path)  # one read of the file's tensor directory
+    exact_f16 = all(kind in EXACT_IN_F16 for kind in all_kinds.values() if kind in FORMATS)
+    prepare_projections(model, _projection_kinds(all_kinds), exact_f16)
+    _prepare_embeddings(model, all_kinds, exact_f16)
 
 
 def prepare_projections(model: nn.Module, kinds: dict[str, str], exact_f16: bool) -> None:
@@ -276,7 +270,8 @@ def gguf_tensors(gguf_path: str, num_heads: int, num_kv_heads: int
     from gguf.quants import dequantize
 
     reader = GGUFReader(gguf_path)
-    targets = part_formats(_projection_kinds(reader))
+    targets = part_formats(_projection_kinds({t.name: t.tensor_type.name
+                                              for t in reader.tensors}))
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
         prefix = name.removesuffix(".weight")
