@@ -22,7 +22,6 @@ calls on >= 256 MB of distinct copies (from memory, as in the engine), median of
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -30,6 +29,7 @@ import sys
 from pathlib import Path
 
 import torch
+from gpu_kernels_check import _load_pagewire  # this script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
@@ -39,18 +39,6 @@ SMOLLM2_SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072),
                   "down": (1536, 576)}
 BATCHES = (1, 2, 4, 8, 16)
 LAYERS = 32
-
-
-def _load_pagewire() -> None:
-    for name, folder in (("pagewire", ROOT / "shared"), ("pagewire.kernels", ROOT / "kernels")):
-        if name in sys.modules:
-            continue
-        spec = importlib.util.spec_from_file_location(
-            name, folder / "__init__.py", submodule_search_locations=[str(folder)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    sys.modules["pagewire"].kernels = sys.modules["pagewire.kernels"]
 
 
 def graph_time(calls, device) -> float:
