@@ -5,7 +5,8 @@
 #            (dummy weights), bf16, fp8 (quantized at load) and W4A16 (compressed-tensors
 #            config, loadtests/configs/llama3-8b-w4a16), one process each;
 #   w1       W1 (512 requests, prompts 128-1024, 256 new tokens) with bf16 and fp8 weights, one
-#            process each, one after the other, with --full-warmup as W1's earlier figures.
+#            process each, one after the other, with --full-warmup as W1's earlier figures
+#            (W1_METHODS picks them: "none fp8" by default).
 #   bash loadtests/gpu_quantization.sh kernels decode
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
@@ -27,7 +28,7 @@ for step in "$@"; do
           --json "$OUT/decode-$variant.json") 2>&1 | tee -a "$OUT/decode.log"
       done ;;
     w1)
-      for quantization in none fp8; do
+      for quantization in ${W1_METHODS:-none fp8}; do
         flags=()
         [ "$quantization" = none ] || flags=(--quantization "$quantization")
         python3 loadtests/offline_throughput.py --model loadtests/configs/llama3-8b \
