@@ -25,9 +25,11 @@ import torch
 
 from pagewire.engine.async_engine import AsyncEngine
 from pagewire.engine.kv_transfer import KVLayout
-from pagewire.kv_transport import DIRECT_TRANSPORTS, FALLBACK
-from pagewire.kv_transport.mapped_cache import check_peer_cache
+from pagewire.kv_transport import FALLBACK
+from pagewire.kv_transport.block_stream import BlockStream
+from pagewire.kv_transport.mapped_cache import BlockStreamer, check_peer_cache
 from pagewire.kv_transport.nixl_agent import NixlEndpoint
+from pagewire.kv_transport.nixl_stream import NixlStreamer
 from pagewire.kv_transport.shared_memory import SharedMemoryFolder
 from pagewire.services.grpc_errors import Aborted, InvalidRequest, NotFound
 from pagewire.services.grpc_options import CHANNEL_OPTIONS
@@ -43,10 +45,9 @@ class Peer:
 
     cache_id: str
     transport: str
-    # shm, cuda_ipc: the peer's KV cache, mapped here; the engine streams blocks into it
-    mapped_cache: torch.Tensor | None = None
-    # nixl: (src block ids, dst block ids, timeout_s) -> bytes written, once landed
-    write: Callable[[list[int], list[int], float], int] | None = None
+    # direct transports: (dst block ids, skip_blocks, timeout_s) -> the KV sink that the engine
+    # streams the prompt's blocks through, into the peer's reserved blocks
+    stream: Callable[[list[int], int, float], BlockStream] | None = None
     close: Callable[[], None] = field(default=lambda: None)
 
 
@@ -143,14 +144,15 @@ class KVPusher:
     def _mapped_peer(self, offer, transport: str, data: torch.Tensor) -> Peer:
         peer_cache = data.view(self._peer_shape(offer))
         check_peer_cache(self.cache, peer_cache)
-        return Peer(offer.cache_id, transport, mapped_cache=peer_cache)
+        return Peer(offer.cache_id, transport, stream=lambda dst_ids, skip_blocks, timeout_s:
+                    BlockStreamer(peer_cache, dst_ids, skip_blocks))
 
     def _open_nixl(self, offer) -> Peer | None:
         if self.nixl is None or not offer.nixl_offer:
             return None
         nixl, peer = self.nixl, self.nixl.connect(offer.nixl_offer)
-        return Peer(offer.cache_id, "nixl",
-                    write=lambda src, dst, timeout_s: nixl.write(peer, src, dst, timeout_s),
+        return Peer(offer.cache_id, "nixl", stream=lambda dst_ids, skip_blocks, timeout_s:
+                    NixlStreamer(nixl, peer, dst_ids, skip_blocks, timeout_s),
                     close=lambda: nixl.forget(peer))
 
     # ---- the push -----------------------------------------------------------------------------
@@ -183,29 +185,6 @@ class KVPusher:
         except grpc.aio.AioRpcError as exc:
             self.forget(address)
             raise push_failed(address, exc) from None
-
-    async def push_direct(self, peer: Peer, address: str, rid: str, header,
-                          dst_ids: list[int], deadline: float) -> PushResult:
-        """Writes a finished, held request's blocks into the decode worker's reserved ones
-        (NIXL) and commits them. The caller releases the held blocks after this returns."""
-        num_tokens, src_ids = await self.engine.call(
-            lambda e: e.held_blocks(rid, header.skip_blocks))
-        # The decode worker accepts the header only if dst_ids are its reservation, of
-        # len(src_ids) blocks: nothing is written anywhere else.
-        header.num_tokens, header.num_blocks = num_tokens, len(src_ids)
-        call = await self.open_direct(peer, address, header, dst_ids)
-        try:
-            written, seconds = 0, 0.0
-            if src_ids:
-                # In a thread the event loop cannot cancel: the decode worker frees the
-                # reserved blocks once this stream ends, so it must not end mid-write.
-                timeout_s = max(deadline - time.monotonic(), 0.0)
-                written, seconds = await finish_even_if_cancelled(asyncio.to_thread(
-                    _timed, peer.write, src_ids, dst_ids, timeout_s))
-            await self.commit(call, address, worker_pb2.KVCommit(kv_bytes=written))
-        finally:
-            call.cancel()  # no-op once finished
-        return PushResult(written, int(seconds * 1e6), peer.transport)
 
     async def push_bytes(self, address: str, header, blocks: torch.Tensor) -> PushResult:
         """Sends the header and the blocks as gRPC messages (blocks already on the host)."""
@@ -264,18 +243,6 @@ class KVPusher:
     def close(self) -> None:
         for address in list(self._peers):
             self.forget(address)
-
-
-def _timed(write, *args) -> tuple[int, float]:
-    """(bytes written, seconds it took): a transfer's time is its bytes' time on the move, as
-    the streamed transports count it (the control messages around it are not)."""
-    started = time.perf_counter()
-    written = write(*args)
-    return written, time.perf_counter() - started
-
-
-def is_direct(transport: str) -> bool:
-    return transport in DIRECT_TRANSPORTS
 
 
 async def finish_even_if_cancelled(work):

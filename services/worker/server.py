@@ -23,7 +23,6 @@ from pagewire.config import KV_CACHE_DTYPES, LOAD_FORMATS
 from pagewire.engine.async_engine import AsyncEngine
 from pagewire.engine.llm_engine import LLMEngine
 from pagewire.kv_transport import KV_TRANSPORTS
-from pagewire.kv_transport.mapped_cache import BlockStreamer
 from pagewire.kv_transport.nixl_agent import NixlEndpoint, nixl_available
 from pagewire.kv_transport.shared_memory import SharedMemoryFolder
 from pagewire.model.quantization import METHODS as QUANTIZATION_METHODS
@@ -38,12 +37,7 @@ from pagewire.services.lifecycle import add_health, run_service
 from pagewire.services.worker.announcer import Announcer
 from pagewire.services.worker.config import WorkerConfig, advertised_address, transport_names
 from pagewire.services.worker.convert import sampling_from_proto, token_batch, token_logprobs
-from pagewire.services.worker.kv_push import (
-    KVPusher,
-    PushResult,
-    finish_even_if_cancelled,
-    is_direct,
-)
+from pagewire.services.worker.kv_push import KVPusher, PushResult, finish_even_if_cancelled
 from pagewire.services.worker.kv_receive import KVReceiver
 from pagewire.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
@@ -84,21 +78,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 # Before computing anything: a refused layout costs no prefill.
                 peer = await self.pusher.peer(address, request.decode_cache_id)
                 started = time.perf_counter()
-                if peer.mapped_cache is not None:
+                if peer.stream is not None:
                     final, pushed = await self._prefill_streaming(rid, prompt, params, address,
-                                                                  peer, request)
+                                                                  peer, request, deadline)
                     prefill_us = int((time.perf_counter() - started) * 1e6)
                 else:
                     final = await self._prefill(rid, prompt, params)
                     prefill_us = int((time.perf_counter() - started) * 1e6)
                     header = self._kv_header(rid, request.skip_blocks, final)
-                    if is_direct(peer.transport):
-                        pushed = await self.pusher.push_direct(
-                            peer, address, rid, header, list(request.decode_block_ids),
-                            deadline)
-                    else:
-                        pushed = await self._push_bytes(rid, address, header,
-                                                        request.skip_blocks)
+                    pushed = await self._push_bytes(rid, address, header, request.skip_blocks)
         finally:  # the held blocks, once nothing reads them any more
             await self.engine.call(lambda e: e.abort_request(rid))
         self.served += 1
@@ -124,10 +112,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise Aborted(f"{rid!r} was aborted during its prefill")
         return final
 
-    async def _prefill_streaming(self, rid, prompt, params, address, peer, request):
-        """The prompt's blocks go into the decode worker's mapped cache as its chunks are
-        computed (BlockStreamer), the PushKV stream open from before the first chunk to the
-        commit; (the final output, the push's result)."""
+    async def _prefill_streaming(self, rid, prompt, params, address, peer, request, deadline):
+        """The prompt's blocks go into the decode worker's reserved blocks as its chunks are
+        computed (a BlockStream of the peer's transport), the PushKV stream open from before
+        the first chunk to the commit; (the final output, the push's result)."""
         layout = self.engine.engine.kv_layout
         dst_ids = list(request.decode_block_ids)
         header = worker_pb2.KVHeader(
@@ -138,7 +126,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if request.skip_blocks + len(dst_ids) != -(-len(prompt) // layout.block_size):
             raise InvalidRequest(f"{len(dst_ids)} decode_block_ids after skip_blocks="
                                  f"{request.skip_blocks} do not hold {len(prompt)} tokens")
-        streamer = BlockStreamer(peer.mapped_cache, dst_ids, request.skip_blocks)
+        streamer = peer.stream(dst_ids, request.skip_blocks,
+                               max(deadline - time.monotonic(), 0.0))
         call = await self.pusher.open_direct(peer, address, header, dst_ids)
         try:
             try:

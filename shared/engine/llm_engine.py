@@ -182,7 +182,7 @@ class LLMEngine:
         if not seq.is_finished:
             self.scheduler.finish(seq, FinishReason.ABORT)
         seq.hold_kv = False
-        self.block_manager.free(seq.block_table)
+        self.scheduler.free_blocks(seq)
         return self._pop_output(seq)
 
     def has_unfinished_requests(self) -> bool:
@@ -423,7 +423,7 @@ class LLMEngine:
         """Frees a held sequence's blocks (after export, or when the transfer failed)."""
         seq = self._held(request_id)
         seq.hold_kv = False
-        self.block_manager.free(seq.block_table)
+        self.scheduler.free_blocks(seq)
         self._forget(seq)
 
     def _held(self, request_id: str) -> Sequence:

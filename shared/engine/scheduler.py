@@ -113,8 +113,14 @@ class Scheduler:
             batch.num_prefix_hit_tokens += num_cached
             budget -= num_new
 
-    def _preempt(self, seq: Sequence) -> None:
+    def free_blocks(self, seq: Sequence) -> None:
+        """Gives a sequence's blocks back; a KV sink still reading them finishes first."""
+        if seq.kv_sink is not None:
+            seq.kv_sink.before_free()
         self.block_manager.free(seq.block_table)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.free_blocks(seq)
         seq.spec_token_ids.clear()
         seq.spec_draft_computed = 0
         seq.num_computed_tokens = 0
@@ -141,4 +147,4 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         if not seq.hold_kv:
-            self.block_manager.free(seq.block_table)
+            self.free_blocks(seq)

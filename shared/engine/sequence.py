@@ -61,7 +61,8 @@ class Sequence:
     max_num_tokens: int | None = None  # prompt + max_tokens within the context (engine sets it)
     # Where its prompt's KV goes as it is computed (a prefill worker's transfer): the engine
     # calls kv_sink.on_computed(kv_cache, block_table, num_computed, num_prompt_tokens) after
-    # every step that advanced it (pagewire.kv_transport.mapped_cache.BlockStreamer).
+    # every step that advanced it, and kv_sink.before_free() before its blocks are freed
+    # (pagewire.kv_transport.block_stream).
     kv_sink: object | None = None
     # Its place in its structured-output grammar (pagewire.structured_output), when it has one
     grammar: object | None = None

@@ -15,12 +15,14 @@ can open (a probe file it can read, a CUDA IPC handle it can map, a NIXL peer it
               one copy into the reserved blocks (shared_memory.py)
     nixl      any two hosts: both caches registered with NIXL (UCX underneath: TCP, RDMA, or
               shared memory where it finds one); the sender writes the reserved blocks region
-              by region (nixl_agent.py)
+              by region (nixl_agent.py), each chunk's as it is computed (nixl_stream.py)
     grpc      the bytes inside PushKV messages, imported by the receiver's engine: the fallback
               that works between any two workers
 
 The first three write straight into the blocks the decode worker reserved (its Reserved
-message names them), so the receiver copies nothing and its step loop never waits for KV.
+message names them), so the receiver copies nothing and its step loop never waits for KV; and
+they stream: a prompt's blocks leave as its chunks are computed (block_stream.py), so the
+transfer hides under the prefill's compute.
 """
 
 from __future__ import annotations

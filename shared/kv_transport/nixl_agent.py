@@ -147,35 +147,35 @@ class NixlEndpoint:
             except Exception:  # noqa: BLE001 - NIXL raises its own types; the peer is gone
                 pass
 
-    def write(self, peer: NixlPeer, src_ids: list[int], dst_ids: list[int],
-              timeout_s: float) -> int:
-        """Writes blocks src_ids of this cache into blocks dst_ids of the peer's; returns the
-        bytes written once NIXL reports them delivered. Blocks the calling thread."""
+    def start_write(self, peer: NixlPeer, src_ids: list[int], dst_ids: list[int]):
+        """Starts writing blocks src_ids of this cache into blocks dst_ids of the peer's;
+        (the transfer's handle, its bytes). `write_state` follows it, `release` ends it."""
         if any(not 0 <= i < peer.num_blocks for i in dst_ids):
             raise ValueError(f"destination blocks outside the peer's {peer.num_blocks}")
         local, remote = self._descriptors(peer, block_runs(src_ids, dst_ids))
-        deadline = time.monotonic() + timeout_s
         with self._lock:
             local_list = self._agent.get_xfer_descs(local, self.memory)
             remote_list = self._agent.get_xfer_descs(remote, peer.memory)
             handle = self._agent.initialize_xfer("WRITE", local_list, remote_list,
                                                  peer.agent_name)
-        try:
-            with self._lock:
-                state = self._agent.transfer(handle)
-            while state != "DONE":
-                if state == "ERR":
-                    raise NixlTransferError(f"NIXL write to {peer.agent_name} failed")
-                if time.monotonic() > deadline:
-                    raise NixlTransferError(f"NIXL write to {peer.agent_name} took over "
-                                            f"{timeout_s:.1f} s")
-                time.sleep(POLL_S)
-                with self._lock:
-                    state = self._agent.check_xfer_state(handle)
-        finally:
-            with self._lock:
+            try:
+                if self._agent.transfer(handle) == "ERR":
+                    raise NixlTransferError(f"NIXL write to {peer.agent_name} failed to start")
+            except BaseException:
                 self._agent.release_xfer_handle(handle)
-        return int(local[:, 1].sum())
+                raise
+        return handle, int(local[:, 1].sum())
+
+    def write_state(self, handle) -> str:
+        """DONE, PROC or ERR; polling is what moves the write along (no progress thread)."""
+        with self._lock:
+            return self._agent.check_xfer_state(handle)
+
+    def release(self, handle) -> None:
+        """Frees a transfer's handle; NIXL cancels a write still under way, and raises if it
+        cannot (then the source blocks are still being read)."""
+        with self._lock:
+            self._agent.release_xfer_handle(handle)
 
     def _descriptors(self, peer: NixlPeer, runs) -> tuple[np.ndarray, np.ndarray]:
         """(address, length, device) rows for both sides: one per layer, keys or values, and

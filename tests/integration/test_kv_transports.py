@@ -209,10 +209,12 @@ def test_a_sender_that_dies_before_its_commit_leaves_the_reservation_to_a_retry(
     assert all_free(stats)
 
 
-def test_a_prompt_prefilled_in_chunks_streams_its_blocks_and_decodes_the_same(llm, tmp_path):
-    """32-token steps: a 100-token prompt takes four chunks, and the shm transport sends each
-    chunk's full blocks as it completes. The decode worker's tokens equal those of the same
-    chunked prefill sent as gRPC bytes after the fact."""
+@pytest.mark.parametrize("transport", [t for t in TRANSPORTS if t != "grpc"])
+def test_a_prompt_prefilled_in_chunks_streams_its_blocks_and_decodes_the_same(llm, tmp_path,
+                                                                             transport):
+    """32-token steps: a 100-token prompt takes four chunks, and the direct transports send
+    each chunk's full blocks as it completes. The decode worker's tokens equal those of the
+    same chunked prefill sent as gRPC bytes after the fact."""
     prompt_ids = llm.get_tokenizer().encode(PROMPT * 6)[:100]
     engine = dataclasses.replace(ENGINE, max_num_batched_tokens=32)
 
@@ -226,5 +228,5 @@ def test_a_prompt_prefilled_in_chunks_streams_its_blocks_and_decodes_the_same(ll
         assert prefilled.kv_transport == transport
         return [t for b in batches for t in b.token_ids]
 
-    streamed = tokens("shm")
+    streamed = tokens(transport)
     assert streamed == tokens("grpc") and len(streamed) == 8
