@@ -157,9 +157,9 @@ class EngineConfig:
             if self.speculative_config is not None:
                 raise ValueError("speculative decoding with tensor or pipeline parallelism is "
                                  "not supported yet")
-            if self.quantization not in (None, "fp8"):
-                raise ValueError(f"quantization={self.quantization!r} with tensor or pipeline "
-                                 "parallelism is not supported yet (fp8 is)")
+            if self.quantization == "gguf":
+                raise ValueError("quantization='gguf' with tensor or pipeline parallelism is "
+                                 "not supported yet (its packed embedding is not split)")
             if self.async_scheduling:
                 raise ValueError("async_scheduling with tensor or pipeline parallelism is not "
                                  "supported yet")

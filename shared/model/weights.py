@@ -15,6 +15,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from pagewire.parallel.partition import Slice
+
 # checkpoint sub-name -> (fused parameter sub-name, shard index)
 PACKED = {
     "q_proj": ("qkv_proj", 0),
@@ -53,25 +55,50 @@ SHARD_DIMS = {**BUFFER_SHARD_DIMS, "bias": 0}
 
 def rank_slice(name: str, tensor: torch.Tensor, shard, head_dim: int) -> torch.Tensor:
     """A tensor-parallel rank's part of a checkpoint tensor (parallel/partition.py's RankShard):
-    rows of its heads, intermediate width or vocabulary for column-parallel layers, columns for
-    row-parallel ones (o_proj, down_proj; their bias on rank 0 only, as the ranks' outputs are
-    summed), the whole of anything else."""
+    its heads, intermediate width or vocabulary along the output of column-parallel layers, and
+    along the input of row-parallel ones (o_proj, down_proj; their bias on rank 0 only, as the
+    ranks' outputs are summed); the whole of anything else.
+
+    Quantized layers' tensors (BUFFER_SHARD_DIMS): weight-only ones ([K/pack or K/group, N])
+    hold the output along dim 1 and the input, packed or grouped, along dim 0, so a row-parallel
+    cut must fall on whole words and whole groups; one scale per output row (W8A8) follows the
+    rows, a per-tensor scale and one group spanning the whole input stay whole."""
     parts = name.split(".")
     module, kind = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", "")
-    rows = {"q_proj": shard.q_heads, "k_proj": shard.kv_heads, "v_proj": shard.kv_heads}
-    if module in rows:
-        cut = rows[module]
-        return tensor.narrow(0, cut.start * head_dim, cut.size * head_dim)
-    if module in ("gate_proj", "up_proj"):
-        return tensor.narrow(0, shard.intermediate.start, shard.intermediate.size)
+    heads = {"q_proj": shard.q_heads, "k_proj": shard.kv_heads, "v_proj": shard.kv_heads}
+    if module in heads or module in ("gate_proj", "up_proj"):
+        if kind == "perm":  # over the input, which column-parallel layers do not split
+            return tensor
+        cut = heads[module] if module in heads else shard.intermediate
+        step = head_dim if module in heads else 1
+        dim = 1 if kind in ("qweight", "scales", "offsets") else 0
+        if kind == "weight_scale" and tensor.numel() == 1:
+            return tensor
+        return tensor.narrow(dim, cut.start * step, cut.size * step)
     if module in ("embed_tokens", "lm_head"):
         return tensor.narrow(0, shard.vocab.start, shard.vocab.size)
     if module in ("o_proj", "down_proj"):
-        if kind == "bias":
-            return tensor if shard.rank == 0 else torch.zeros_like(tensor)
+        if kind in ("bias", "weight_scale"):  # per output row: every rank's sum needs it once
+            return tensor if kind == "weight_scale" or shard.rank == 0 else \
+                torch.zeros_like(tensor)
         if module == "down_proj":
-            return tensor.narrow(1, shard.intermediate.start, shard.intermediate.size)
-        return tensor.narrow(1, shard.q_heads.start * head_dim, shard.q_heads.size * head_dim)
+            cut, total = shard.intermediate, shard.total_intermediate
+        else:
+            cut = Slice(shard.q_heads.start * head_dim, shard.q_heads.size * head_dim)
+            total = shard.total_q_heads * head_dim
+        if kind == "perm":
+            raise ValueError(f"{name}: act-order (GPTQ desc_act) rows cannot be split across "
+                             "tensor-parallel ranks; use a checkpoint without act-order")
+        if kind == "weight":
+            return tensor.narrow(1, cut.start, cut.size)
+        if kind in ("scales", "offsets") and tensor.shape[0] == 1:
+            return tensor  # one group over the whole input: each rank's slice is its group
+        rows_per_input = tensor.shape[0] / total  # packed words or groups per input column
+        start, size = cut.start * rows_per_input, cut.size * rows_per_input
+        if start != int(start) or size != int(size):
+            raise ValueError(f"{name}: rank {shard.rank}'s inputs [{cut.start}, {cut.stop}) of "
+                             f"{total} do not fall on whole {kind} rows ({tensor.shape[0]})")
+        return tensor.narrow(0, int(start), int(size))
     return tensor
 
 

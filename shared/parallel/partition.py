@@ -44,6 +44,8 @@ class RankShard:
     intermediate: Slice
     vocab: Slice
     vocab_sizes: tuple[int, ...]  # every rank's share of the vocabulary (the LM head's gather)
+    total_q_heads: int  # the whole model's (a row-parallel layer's packed rows are cut by them)
+    total_intermediate: int
 
     @classmethod
     def of(cls, spec: ModelSpec, rank: int, size: int) -> RankShard:
@@ -62,7 +64,8 @@ class RankShard:
             kv = Slice(q.start // group, 1)  # replicated on the ranks of its group
         return cls(rank, size, q, kv, even_slice(spec.intermediate_size, rank, size),
                    even_slice(spec.vocab_size, rank, size),
-                   tuple(even_slice(spec.vocab_size, r, size).size for r in range(size)))
+                   tuple(even_slice(spec.vocab_size, r, size).size for r in range(size)),
+                   spec.num_heads, spec.intermediate_size)
 
     def local_spec(self, spec: ModelSpec) -> ModelSpec:
         """The spec this rank's model is built from: its own heads and widths."""
