@@ -151,8 +151,6 @@ class EngineConfig:
         if self.pipeline_parallel_size < 1:
             raise ValueError("pipeline_parallel_size must be >= 1, got "
                              f"{self.pipeline_parallel_size}")
-        if self.tensor_parallel_size > 1 and self.pipeline_parallel_size > 1:
-            raise ValueError("tensor and pipeline parallelism together are not supported yet")
         if self.parallel_size > 1:
             if self.speculative_config is not None:
                 raise ValueError("speculative decoding with tensor or pipeline parallelism is "

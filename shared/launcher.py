@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tensor-parallel-size", type=int, default=None,
                         help="workers' tensor parallelism: each worker runs this many "
                              "processes, each with a slice of every layer")
+    parser.add_argument("--pipeline-parallel-size", type=int, default=None,
+                        help="workers' pipeline parallelism: each worker's layers split into "
+                             "this many stages (times --tensor-parallel-size processes)")
     parser.add_argument("--speculative-config", default=None, metavar="JSON",
                         help='decode and colocated workers speculate: {"method": "ngram", '
                              '"num_speculative_tokens": 4}, vLLM\'s keys')
@@ -162,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "worker lacks at most this many of its tokens (default 0)")
     parser.add_argument("--worker-gpus", type=_gpu_list, default=None, metavar="0,1,...",
                         help="pin worker i (prefill first, then decode, then colocated) to GPU "
-                             "i mod N through CUDA_VISIBLE_DEVICES; with --tensor-parallel-size "
-                             "T, to T consecutive GPUs of the list (one per rank)")
+                             "i mod N through CUDA_VISIBLE_DEVICES; with T x P tensor x "
+                             "pipeline ranks, to T x P consecutive GPUs of the list (one per "
+                             "rank)")
     return parser
 
 
@@ -277,6 +281,7 @@ def _worker_flags(args, role: str) -> list[str]:
                         ("--kv-transports", args.kv_transports),
                         ("--quantization", args.quantization),
                         ("--tensor-parallel-size", args.tensor_parallel_size),
+                        ("--pipeline-parallel-size", args.pipeline_parallel_size),
                         ("--speculative-config", speculative)):
         if value is not None:
             flags += [flag, str(value)]
@@ -285,10 +290,11 @@ def _worker_flags(args, role: str) -> list[str]:
 
 def _worker_env(args, index: int) -> dict[str, str] | None:
     """The environment of the index-th worker: its own GPUs when --worker-gpus is given (as many
-    as its tensor-parallel ranks, consecutive in the list, wrapping around)."""
+    as its parallel ranks, consecutive in the list, wrapping around)."""
     if not args.worker_gpus:
         return None
-    gpus, ranks = args.worker_gpus, args.tensor_parallel_size or 1
+    gpus = args.worker_gpus
+    ranks = (args.tensor_parallel_size or 1) * (args.pipeline_parallel_size or 1)
     mine = [gpus[(index * ranks + rank) % len(gpus)] for rank in range(ranks)]
     return {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(mine)}
 

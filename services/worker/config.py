@@ -53,12 +53,10 @@ class WorkerConfig:
             raise ValueError(f"port must be in [0, 65535]; got {self.port}")
         if self.kv_chunk_bytes <= 0 or self.max_message_bytes <= self.kv_chunk_bytes:
             raise ValueError("need 0 < kv_chunk_bytes < max_message_bytes")
-        if self.engine.pipeline_parallel_size > 1:
-            raise ValueError("pipeline parallelism runs in the offline engine only so far")
         transports = check_transports(self.kv_transports)
-        if self.engine.tensor_parallel_size > 1:
-            # The other transports read or write rank 0's cache memory in place; a TP engine's
-            # KV is spread over its ranks and moves through export/import (all heads).
+        if self.engine.parallel_size > 1:
+            # The other transports read or write rank 0's cache memory in place; a parallel
+            # engine's KV is spread over its ranks and moves through export/import (whole).
             transports = ("grpc",)
         object.__setattr__(self, "kv_transports", transports)
         if self.test_kv_push_pause_s < 0:
@@ -81,6 +79,8 @@ class WorkerConfig:
                               speculative_config=environ.get("PAGEWIRE_SPECULATIVE_CONFIG"),
                               quantization=environ.get("PAGEWIRE_QUANTIZATION") or None,
                               tensor_parallel_size=number("PAGEWIRE_TENSOR_PARALLEL_SIZE", 1),
+                              pipeline_parallel_size=number("PAGEWIRE_PIPELINE_PARALLEL_SIZE",
+                                                            1),
                               show_progress=False)
         return cls(role=environ.get("PAGEWIRE_WORKER_ROLE", "both"),
                    host=environ.get("PAGEWIRE_WORKER_HOST", "127.0.0.1"),

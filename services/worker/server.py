@@ -386,6 +386,11 @@ def parse_args(argv: Sequence[str] | None) -> WorkerConfig:
                         default=defaults.engine.tensor_parallel_size,
                         help="processes (one GPU each on CUDA) holding a slice of every layer; "
                              "KV then moves over gRPC (env PAGEWIRE_TENSOR_PARALLEL_SIZE)")
+    parser.add_argument("--pipeline-parallel-size", type=int,
+                        default=defaults.engine.pipeline_parallel_size,
+                        help="pipeline stages of consecutive layers, each of "
+                             "--tensor-parallel-size processes; KV then moves over gRPC (env "
+                             "PAGEWIRE_PIPELINE_PARALLEL_SIZE)")
     parser.add_argument("--speculative-config", default=defaults.engine.speculative_config,
                         help='speculative decoding, as JSON: {"method": "ngram", '
                              '"num_speculative_tokens": 4} or {"method": "draft_model", '
@@ -412,7 +417,8 @@ def parse_args(argv: Sequence[str] | None) -> WorkerConfig:
                                  kv_cache_dtype=args.kv_cache_dtype,
                                  speculative_config=args.speculative_config,
                                  quantization=args.quantization,
-                                 tensor_parallel_size=args.tensor_parallel_size)
+                                 tensor_parallel_size=args.tensor_parallel_size,
+                                 pipeline_parallel_size=args.pipeline_parallel_size)
     return WorkerConfig(role=args.role, host=args.host, port=args.port,
                         worker_id=args.worker_id, engine=engine, redis_url=args.redis_url,
                         redis_namespace=args.redis_namespace, advertise_address=args.advertise,

@@ -102,8 +102,9 @@ class ModelRunner:
             quantization=checkpoint_method(hf_config, config.quantization))
         self.spec = ModelSpec.from_hf_config(hf_config)
         # Tensor or pipeline parallelism: this process is rank 0; the others hold the other
-        # slices (parallel/). self.tp is the group of all ranks, which step messages cross.
-        self.tp, self.followers, self.shard, self.stage = None, [], None, None
+        # slices (parallel/). self.tp is the group of all ranks, which step messages cross;
+        # self.place says what this rank holds (RankPlace).
+        self.tp, self.followers, self.place = None, [], None
         self.local_spec = self.spec  # this rank's heads, widths and layers (all at size 1)
         if config.parallel_size > 1:
             self._start_parallel()
@@ -138,8 +139,7 @@ class ModelRunner:
                     query_len=speculative.num_speculative_tokens + 1)
 
     def _load_model(self, source: ModelSource) -> LlamaForCausalLM:
-        return load_model(self.spec, source, self.config, shard=self.shard, tp=self.tp,
-                          stage=self.stage)
+        return load_model(self.spec, source, self.config, self.place, self.tp)
 
     def _start_parallel(self) -> None:
         """Launches ranks 1..size-1 (parallel/follower.py) and joins their group as rank 0."""
@@ -152,14 +152,14 @@ class ModelRunner:
         self.followers = [follower.start(self.config, rank, size, init_method)
                           for rank in range(1, size)]
         self.tp = TPGroup(0, size, init_method, self.device)
-        self.shard, self.stage = rank_slices(self.spec, self.config, 0)
-        self.local_spec = (self.shard or self.stage).local_spec(self.spec)
+        self.place = rank_place(self.spec, self.config, 0)
+        self.local_spec = self.place.local_spec(self.spec)
         # Stops the ranks when this runner is collected or the process exits, whichever is
         # first (an atexit hook on self would keep the model alive until exit).
         self._stop_ranks = weakref.finalize(self, stop_ranks, self.tp, self.followers)
 
     def _gather_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        return gather_rank_blocks(self.tp, self.spec, self.kv_cache, block_ids)
+        return gather_rank_blocks(self.tp, self.spec, self.config, self.kv_cache, block_ids)
 
     def close(self) -> None:
         """Stops the other ranks (idempotent)."""
@@ -371,10 +371,8 @@ class ModelRunner:
         host (pinned). The copy is queued behind the steps already launched and before any
         later one, so the blocks may be freed and reused as soon as this returns. On CPU, `out`
         receives the blocks directly, one copy per block (KVExport.wait fills it on CUDA).
-        Under tensor parallelism the ranks' heads are gathered: the blocks leave with all of
-        them (parallel/kv_blocks.py)."""
-        if self.stage is not None:
-            raise RuntimeError("KV export under pipeline parallelism is not supported yet")
+        Under tensor or pipeline parallelism the ranks' heads and layers are gathered: the
+        blocks leave whole (parallel/kv_blocks.py)."""
         if self.tp is not None:
             step_message.send_block_ids(self.tp, step_message.READ_BLOCKS, block_ids)
             blocks = self._gather_blocks(block_ids)
@@ -391,47 +389,48 @@ class ModelRunner:
 
     def write_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
         """Queues imported blocks into the cache (from pinned memory when `blocks` is pinned
-        already, else staged there) without waiting for the steps in flight. Under tensor
-        parallelism the blocks (all heads) go to every rank, which keeps its own heads."""
-        if self.stage is not None:
-            raise RuntimeError("KV import under pipeline parallelism is not supported yet")
+        already, else staged there) without waiting for the steps in flight. Under tensor or
+        pipeline parallelism the blocks (whole) go to every rank, which keeps its own part."""
         if self.tp is not None:
             step_message.send_block_ids(self.tp, step_message.WRITE_BLOCKS, block_ids)
             blocks = kv_blocks.broadcast_blocks(self.tp, blocks, None, self.kv_dtype)
-            blocks = blocks[..., self.shard.kv_heads.start:self.shard.kv_heads.stop, :]
+            blocks = kv_blocks.own_part(blocks, *self.place.kv_slices(self.spec))
         write_rank_blocks(self.kv_cache, to_device(block_ids, torch.long, self.device),
                           to_device(blocks, self.kv_dtype, self.device))
 
 
 
+def rank_place(spec: ModelSpec, config: EngineConfig, rank: int):
+    """What `rank` of a parallel engine holds (parallel/partition.py's RankPlace)."""
+    from pagewire.parallel.partition import RankPlace
+
+    return RankPlace.of(spec, rank, config.tensor_parallel_size, config.pipeline_parallel_size)
+
+
 @torch.inference_mode()
-def rank_slices(spec: ModelSpec, config: EngineConfig, rank: int):
-    """(RankShard or None, PipelineStage or None): what `rank` holds of the model."""
-    from pagewire.parallel.partition import PipelineStage, RankShard
-
-    if config.tensor_parallel_size > 1:
-        return RankShard.of(spec, rank, config.tensor_parallel_size), None
-    return None, PipelineStage.of(spec, rank, config.pipeline_parallel_size)
-
-
-def load_model(spec: ModelSpec, source: ModelSource, config: EngineConfig,
-               load_format: str | None = None, shard=None, tp=None,
-               stage=None) -> LlamaForCausalLM:
+def load_model(spec: ModelSpec, source: ModelSource, config: EngineConfig, place=None,
+               group=None, load_format: str | None = None) -> LlamaForCausalLM:
     """The model of `spec` on the config's device and dtype, with its weights (or random
-    ones for load_format dummy). shard or stage: a tensor-parallel rank's slice or a pipeline
-    stage; tp: the group of all ranks."""
+    ones for load_format dummy). place: a parallel rank's RankPlace (its TP slice and its
+    pipeline stage); group: the group of all the engine's ranks."""
     device, dtype = torch.device(config.device), config.torch_dtype
     torch.manual_seed(config.seed)
+    shard = stage = tp = None
+    if place is not None:
+        shard, stage = place.shard, place.stage
+        if shard is not None:  # the TP ranks of this rank's stage (all ranks without PP)
+            tp = group if stage is None else group.subgroup(
+                f"stage{place.stage_index}", place.tp_rank, place.tp_size)
     # Made in the target dtype: made in float32 and cast, an 8B model held 48 GB at its
     # peak and left 32 GB cached, so two workers sharing a GPU ran out of memory.
     with torch.device(device), _default_dtype(dtype):
+        local = spec if place is None else place.local_spec(spec)
         if stage is not None:
             from pagewire.parallel.pipeline import PipelineStageModel
 
-            model = PipelineStageModel(spec, stage.local_spec(spec), config.use_triton, stage,
+            model = PipelineStageModel(spec, local, config.use_triton, place, group,
                                        tp).to(dtype)
         else:
-            local = spec if shard is None else shard.local_spec(spec)
             model = LlamaForCausalLM(local, config.use_triton, shard, tp).to(dtype)
     hf_config = AutoConfig.from_pretrained(source.model_dir)
     if config.quantization in CHECKPOINT_METHODS:  # stored quantized: load it as it is
@@ -468,15 +467,13 @@ def stop_ranks(group, followers) -> None:
     group.close()
 
 
-def gather_rank_blocks(group, spec: ModelSpec, kv_cache: torch.Tensor,
+def gather_rank_blocks(group, spec: ModelSpec, config: EngineConfig, kv_cache: torch.Tensor,
                        block_ids: list[int]) -> torch.Tensor:
-    """Blocks [n, L, 2, bs, all kv heads, D] from every rank's cache (a KV export)."""
-    from pagewire.parallel.partition import RankShard
-
-    shards = [RankShard.of(spec, rank, group.size) for rank in range(group.size)]
+    """Blocks [n, all layers, 2, bs, all kv heads, D] from every rank's cache (a KV export)."""
+    parts = [rank_place(spec, config, rank).kv_slices(spec) for rank in range(group.size)]
     index = torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)
     local = kv_cache.index_select(2, index).movedim(2, 0)
-    return kv_blocks.gather_heads(group, shards, local, spec.num_kv_heads)
+    return kv_blocks.gather_blocks(group, parts, local, spec.num_layers, spec.num_kv_heads)
 
 
 def write_rank_blocks(kv_cache: torch.Tensor, index: torch.Tensor,

@@ -1,6 +1,6 @@
-"""A tensor-parallel rank other than 0: loads its slice of the model, then runs every forward
-rank 0 announces (step_message.py) until told to stop or rank 0 goes away (a collective then
-fails and this process exits).
+"""A parallel rank other than 0 (tensor, pipeline or both): loads its slice of the model, then
+runs every forward rank 0 announces (step_message.py) until told to stop or rank 0 goes away (a
+collective then fails and this process exits).
 
     python -m pagewire.parallel.follower --rank 1 --size 2 --init-method tcp://127.0.0.1:PORT \
         --config '{"model": null, "device": "cpu", ...}'
@@ -40,7 +40,7 @@ def serve(config, rank: int, size: int, init_method: str) -> int:
         gather_rank_blocks,
         load_model,
         profile_kv_budget,
-        rank_slices,
+        rank_place,
         run_step,
         write_rank_blocks,
     )
@@ -56,9 +56,9 @@ def serve(config, rank: int, size: int, init_method: str) -> int:
     group = TPGroup(rank, size, init_method, device)
     source = resolve_model(config.model, config.tokenizer)
     spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(source.model_dir))
-    shard, stage = rank_slices(spec, config, rank)
-    local = (shard or stage).local_spec(spec)
-    model = load_model(spec, source, config, shard=shard, tp=group, stage=stage)
+    place = rank_place(spec, config, rank)
+    local = place.local_spec(spec)
+    model = load_model(spec, source, config, place, group)
     caches: list[torch.Tensor] = []
     kv_cache = None
     try:
@@ -74,21 +74,21 @@ def serve(config, rank: int, size: int, init_method: str) -> int:
                      local.head_dim), dtype=config.kv_torch_dtype, device=device)
                 caches = list(kv_cache.unbind(0))
             elif kind == step_message.READ_BLOCKS:
-                gather_rank_blocks(group, spec, kv_cache, step)
-            elif kind == step_message.WRITE_BLOCKS:
-                shape = (len(step), local.num_layers, 2, config.block_size, spec.num_kv_heads,
-                         local.head_dim)
+                gather_rank_blocks(group, spec, config, kv_cache, step)
+            elif kind == step_message.WRITE_BLOCKS:  # whole blocks: this rank keeps its part
+                shape = (len(step), spec.num_layers, 2, config.block_size, spec.num_kv_heads,
+                         spec.head_dim)
                 blocks = kv_blocks.broadcast_blocks(group, None, shape, config.kv_torch_dtype)
                 index = torch.tensor(step, dtype=torch.long, device=device)
-                write_rank_blocks(kv_cache, index, blocks[..., shard.kv_heads.start:
-                                                             shard.kv_heads.stop, :])
+                write_rank_blocks(kv_cache, index,
+                                  kv_blocks.own_part(blocks, *place.kv_slices(spec)))
             else:
                 hidden = run_step(model, caches, step, config.block_size, device)
                 if step.logit_rows:
                     rows = torch.tensor(step.logit_rows, dtype=torch.long, device=device)
                     model.compute_logits(hidden[rows])
     except RuntimeError as exc:  # a collective failed: rank 0 (or another rank) is gone
-        print(f"pagewire: tensor-parallel rank {rank} stops: {str(exc).splitlines()[0][:200]}",
+        print(f"pagewire: parallel rank {rank} stops: {str(exc).splitlines()[0][:200]}",
               file=sys.stderr, flush=True)
         return 1
     finally:

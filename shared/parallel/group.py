@@ -18,16 +18,25 @@ TIMEOUT = datetime.timedelta(seconds=60)
 
 
 class TPGroup:
-    def __init__(self, rank: int, size: int, init_method: str, device: torch.device):
-        """init_method: tcp://HOST:PORT, where rank 0 listens for the others."""
+    def __init__(self, rank: int, size: int, init_method: str | None, device: torch.device,
+                 store: dist.Store | None = None):
+        """init_method: tcp://HOST:PORT, where rank 0 listens for the others (or `store`: a
+        sub-group's, from `subgroup`)."""
         self.rank, self.size, self.device = rank, size, device
-        address = urlparse(init_method)
-        self._store = dist.TCPStore(address.hostname, address.port, size, is_master=rank == 0,
-                                    timeout=TIMEOUT)
+        if store is None:
+            address = urlparse(init_method)
+            store = dist.TCPStore(address.hostname, address.port, size, is_master=rank == 0,
+                                  timeout=TIMEOUT)
+        self._store = store
         if device.type == "cuda":
             self._pg = dist.ProcessGroupNCCL(self._store, rank, size)
         else:
             self._pg = dist.ProcessGroupGloo(self._store, rank, size, TIMEOUT)
+
+    def subgroup(self, name: str, rank: int, size: int) -> TPGroup:
+        """A group of some of these ranks (a pipeline stage's TP ranks), on this group's store
+        under its own prefix; every member calls it with the same name."""
+        return TPGroup(rank, size, None, self.device, dist.PrefixStore(name, self._store))
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place (row-parallel layers' partial products)."""

@@ -1,4 +1,6 @@
-"""Which slice of each layer a tensor-parallel rank holds.
+"""What each rank of a parallel engine holds: a tensor-parallel slice of every layer
+(RankShard), a pipeline stage's layers (PipelineStage), or both (RankPlace: global rank
+stage * tp_size + tp_rank).
 
 Attention heads are split by KV-head group (a KV head and the query heads that read it stay on
 one rank), as evenly as the groups go: SmolLM2-135M's 3 KV heads over 2 ranks give 2 and 1
@@ -99,3 +101,46 @@ class PipelineStage:
 
     def local_spec(self, spec: ModelSpec) -> ModelSpec:
         return dataclasses.replace(spec, num_layers=self.layers.size)
+
+
+@dataclass(frozen=True)
+class RankPlace:
+    """Where a rank sits in an engine of tp_size x pp_size processes: global rank
+    stage * tp_size + tp_rank, so rank 0 (the engine) is the first stage's first TP rank. Its
+    shard (None without TP) and stage (None without PP) say what it holds."""
+
+    rank: int
+    tp_size: int
+    pp_size: int
+    shard: RankShard | None
+    stage: PipelineStage | None
+
+    @classmethod
+    def of(cls, spec: ModelSpec, rank: int, tp_size: int, pp_size: int) -> RankPlace:
+        stage_index, tp_rank = divmod(rank, tp_size)
+        return cls(rank, tp_size, pp_size,
+                   RankShard.of(spec, tp_rank, tp_size) if tp_size > 1 else None,
+                   PipelineStage.of(spec, stage_index, pp_size) if pp_size > 1 else None)
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
+
+    @property
+    def stage_index(self) -> int:
+        return self.rank // self.tp_size
+
+    def rank_in_stage(self, stage_index: int) -> int:
+        """The global rank with this rank's TP slice in another stage (activations go there)."""
+        return stage_index * self.tp_size + self.tp_rank
+
+    def local_spec(self, spec: ModelSpec) -> ModelSpec:
+        if self.stage is not None:
+            spec = self.stage.local_spec(spec)
+        return spec if self.shard is None else self.shard.local_spec(spec)
+
+    def kv_slices(self, spec: ModelSpec) -> tuple[Slice, Slice]:
+        """(layers, KV heads) of the whole model's KV that this rank's cache holds."""
+        layers = Slice(0, spec.num_layers) if self.stage is None else self.stage.layers
+        heads = Slice(0, spec.num_kv_heads) if self.shard is None else self.shard.kv_heads
+        return layers, heads

@@ -1,8 +1,10 @@
-"""Pipeline parallelism: a model split into stages of consecutive layers, one process each.
-Every stage gets the step's inputs (step_message.py) and builds the same attention metadata;
-the first embeds the tokens, each stage runs its layers on its own KV cache (its layers only)
-and sends the hidden states and the residual to the next; the last applies the final norm and
-the LM head and sends the logits back to rank 0, which samples.
+"""Pipeline parallelism: a model split into stages of consecutive layers, one process each
+(or one TP group each: TP x PP). Every rank gets the step's inputs (step_message.py) and builds
+the same attention metadata; the first stage embeds the tokens, each stage runs its layers on
+its own KV cache (its layers only) and sends the hidden states and the residual to the next
+(rank for rank: TP rank t of one stage to TP rank t of the next, as every TP rank holds the
+whole hidden state after its block's all-reduce); the last applies the final norm and the LM
+head, and its first TP rank sends the logits back to rank 0, which samples.
 
 This first step runs one step at a time: while one stage computes, the others wait. Keeping
 stages busy needs micro-batches in flight (the next step's first stage starting while the
@@ -17,49 +19,54 @@ from pagewire.model.llama import LlamaForCausalLM, ModelSpec
 
 
 class PipelineStageModel(LlamaForCausalLM):
-    def __init__(self, spec: ModelSpec, local: ModelSpec, use_triton: bool, stage, group):
-        """spec: the whole model's; local: this stage's (its layers); group: the TPGroup whose
-        ranks are the stages, in order."""
-        super().__init__(local, use_triton)
-        self.stage, self.group, self.vocab_size = stage, group, spec.vocab_size
-        if not stage.first:
+    def __init__(self, spec: ModelSpec, local: ModelSpec, use_triton: bool, place, pipe,
+                 tp=None):
+        """spec: the whole model's; local: this rank's (its layers, and heads under TP); place:
+        its RankPlace; pipe: the group of all the engine's ranks, which activations cross;
+        tp: its stage's TP group, if any."""
+        super().__init__(local, use_triton, place.shard, tp)
+        self.stage, self.place, self.pipe = place.stage, place, pipe
+        self.vocab_size = spec.vocab_size
+        if not self.stage.first:
             del self.embed_tokens  # a tied LM head keeps the same Parameter
-        if not stage.last:
+        if not self.stage.last:
             del self.norm, self.lm_head
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta) -> torch.Tensor:
-        stage, group = self.stage, self.group
+        stage, place, pipe = self.stage, self.place, self.pipe
         if stage.first:
             hidden, residual = self.embed_tokens(input_ids), None
         else:
             shape = (input_ids.shape[0], self.spec.hidden_size)
             dtype = next(self.parameters()).dtype
-            hidden = group.recv(torch.empty(shape, dtype=dtype, device=input_ids.device),
-                                stage.rank - 1)
-            residual = group.recv(torch.empty_like(hidden), stage.rank - 1)
+            previous = place.rank_in_stage(stage.rank - 1)
+            hidden = pipe.recv(torch.empty(shape, dtype=dtype, device=input_ids.device),
+                               previous)
+            residual = pipe.recv(torch.empty_like(hidden), previous)
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
         if stage.last:
             hidden, _ = self.norm(hidden, residual)
             return hidden
-        group.send(hidden, stage.rank + 1)
-        group.send(residual, stage.rank + 1)
+        following = place.rank_in_stage(stage.rank + 1)
+        pipe.send(hidden, following)
+        pipe.send(residual, following)
         return hidden  # only its shape matters to the caller: logits come from the last stage
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """The last stage scores the rows and sends them to rank 0, which receives them;
-        stages between have nothing to do."""
-        stage = self.stage
+        """The last stage scores the rows (its TP ranks gathering the vocabulary) and its first
+        TP rank sends them to rank 0, which receives them; other ranks return None."""
+        stage, place = self.stage, self.place
         if stage.last:
             logits = super().compute_logits(hidden)
-            if not stage.first:
-                self.group.send(logits, 0)
+            if not stage.first and place.tp_rank == 0:
+                self.pipe.send(logits, 0)
             return logits
-        if stage.first:
-            return self.group.recv(torch.empty((hidden.shape[0], self.vocab_size),
-                                               dtype=torch.float32, device=hidden.device),
-                                   stage.size - 1)
+        if place.rank == 0:
+            return self.pipe.recv(torch.empty((hidden.shape[0], self.vocab_size),
+                                              dtype=torch.float32, device=hidden.device),
+                                  place.rank_in_stage(stage.size - 1))
         return None
 
 

@@ -44,3 +44,33 @@ def assert_a_killed_rank_fails_the_next_step(**parallel) -> None:
         llm.generate("Hello", SamplingParams(temperature=0, max_tokens=4))
     assert time.monotonic() - start < 30
     llm.engine.runner.close()
+
+
+KV_PROMPT = ("In a distant galaxy, a small robot named Pip discovered an ancient map. The map "
+             "showed a path through seven nebulae to a planet made of glass, and Pip decided to")
+
+
+def assert_kv_moves(reference, source, target, request_id: str) -> None:
+    """A prompt prefilled on `source`, its KV exported and imported into `target`, continues
+    there as the single-process `reference` engine answers it, token for token; both engines
+    end with every block free."""
+    from pagewire import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompt_ids = reference.get_tokenizer().encode(KV_PROMPT)
+    expected = reference.generate({"prompt_token_ids": prompt_ids}, params)[0]
+    engine = source.engine
+    engine.add_request(request_id, prompt_ids, SamplingParams(temperature=0, max_tokens=1),
+                       hold_kv=True)
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+    first = outputs[-1].outputs[0].token_ids
+    data = engine.export_kv(request_id)
+    engine.release(request_id)
+    target.engine.import_kv(request_id, prompt_ids, first, data, params)
+    while target.engine.has_unfinished_requests():
+        outputs = target.engine.step()
+    assert outputs[-1].outputs[0].token_ids == expected.outputs[0].token_ids
+    for side in (source, target):
+        manager = side.engine.block_manager
+        assert manager.num_free_blocks == manager.num_blocks

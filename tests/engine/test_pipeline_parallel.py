@@ -12,7 +12,11 @@ from pagewire import SamplingParams
 from pagewire.model.llama import ModelSpec
 from pagewire.parallel.partition import PipelineStage, Slice
 from pagewire.parallel.pipeline import stage_name
-from tests.engine.helpers import assert_a_killed_rank_fails_the_next_step, make_llm
+from tests.engine.helpers import (
+    assert_a_killed_rank_fails_the_next_step,
+    assert_kv_moves,
+    make_llm,
+)
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at", "Once upon a time"]
 
@@ -57,9 +61,33 @@ def test_a_killed_stage_fails_the_next_step_within_seconds():
     assert_a_killed_rank_fails_the_next_step(pipeline_parallel_size=2)
 
 
+@pytest.mark.parametrize("direction", ["pp2_to_pp1", "pp1_to_pp2"])
+def test_kv_moves_between_engines_of_different_pp_sizes(llm, pp_llm, direction):
+    """What leaves a pipeline engine has every layer (gathered from the stages), and what
+    enters it is cut by stage: a prefill at PP=2 continues at PP=1, and the reverse."""
+    source, target = (pp_llm, llm) if direction == "pp2_to_pp1" else (llm, pp_llm)
+    assert_kv_moves(llm, source, target, direction)
+
+
+def test_tensor_and_pipeline_parallel_together(llm):
+    """TP=2 x PP=2, four processes: each stage's two ranks split its layers' heads (6+3 query
+    heads) and all-reduce among themselves; activations go stage to stage rank for rank. The
+    greedy tokens are the single process's, and KV leaves with every layer and head."""
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    both = make_llm(tensor_parallel_size=2, pipeline_parallel_size=2)
+    try:
+        runner = both.engine.runner
+        assert len(runner.followers) == 3 and runner.kv_cache.shape[0] == 15
+        assert runner.kv_cache.shape[-2] == 2  # rank 0: KV heads 0 and 1 of layers 0-14
+        for a, b in zip(llm.generate(PROMPTS, greedy), both.generate(PROMPTS, greedy)):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert_kv_moves(llm, both, llm, "tp2pp2_to_one")
+        assert_kv_moves(llm, llm, both, "one_to_tp2pp2")
+    finally:
+        both.engine.runner.close()
+
+
 def test_parallel_settings_refused_where_they_do_not_run_yet():
-    with pytest.raises(ValueError, match="together"):
-        make_llm(tensor_parallel_size=2, pipeline_parallel_size=2)
     with pytest.raises(ValueError, match="speculative decoding with tensor or pipeline"):
         make_llm(pipeline_parallel_size=2, speculative_config={
             "method": "ngram", "num_speculative_tokens": 2})

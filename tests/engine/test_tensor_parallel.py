@@ -19,7 +19,11 @@ from transformers import LlamaConfig
 from pagewire import SamplingParams
 from pagewire.model.llama import ModelSpec
 from pagewire.parallel.partition import RankShard, Slice, even_slice
-from tests.engine.helpers import assert_a_killed_rank_fails_the_next_step, make_llm
+from tests.engine.helpers import (
+    assert_a_killed_rank_fails_the_next_step,
+    assert_kv_moves,
+    make_llm,
+)
 
 
 def _spec(heads: int, kv_heads: int, intermediate: int = 96, vocab: int = 100) -> ModelSpec:
@@ -67,33 +71,12 @@ def test_two_ranks_give_the_single_process_greedy_tokens(llm, tp_llm):
     assert runner.local_spec.num_heads == 6 and runner.kv_cache.shape[-2] == 2
 
 
-KV_PROMPT = ("In a distant galaxy, a small robot named Pip discovered an ancient map. The map "
-             "showed a path through seven nebulae to a planet made of glass, and Pip decided to")
-
-
 @pytest.mark.parametrize("direction", ["tp2_to_tp1", "tp1_to_tp2"])
 def test_kv_moves_between_engines_of_different_tp_sizes(llm, tp_llm, direction):
     """What leaves an engine has every KV head, whatever its TP size: a prefill at TP=2
     continues at TP=1 token for token, and the reverse."""
     source, target = (tp_llm, llm) if direction == "tp2_to_tp1" else (llm, tp_llm)
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    prompt_ids = llm.get_tokenizer().encode(KV_PROMPT)
-    expected = llm.generate({"prompt_token_ids": prompt_ids}, params)[0].outputs[0].token_ids
-    engine = source.engine
-    engine.add_request(direction, prompt_ids, SamplingParams(temperature=0, max_tokens=1),
-                       hold_kv=True)
-    while engine.has_unfinished_requests():
-        outputs = engine.step()
-    first = outputs[-1].outputs[0].token_ids
-    data = engine.export_kv(direction)
-    engine.release(direction)
-    target.engine.import_kv(direction, prompt_ids, first, data, params)
-    while target.engine.has_unfinished_requests():
-        outputs = target.engine.step()
-    assert outputs[-1].outputs[0].token_ids == expected
-    for side in (source, target):
-        manager = side.engine.block_manager
-        assert manager.num_free_blocks == manager.num_blocks
+    assert_kv_moves(llm, source, target, direction)
 
 
 def test_an_fp8_kv_cache_splits_by_heads_too():

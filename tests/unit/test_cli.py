@@ -38,6 +38,22 @@ def test_up_pins_each_worker_to_a_gpu_and_passes_benchmark_flags():
                                              "--tensor-parallel-size", "2"])
     assert [launcher._worker_env(tp, i)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == \
         ["0,1", "2,3"]
+    both = launcher.build_parser().parse_args(["--worker-gpus", "0,1,2,3,4,5,6,7",
+                                               "--tensor-parallel-size", "2",
+                                               "--pipeline-parallel-size", "2"])
+    assert launcher._worker_flags(both, "decode") == ["--tensor-parallel-size", "2",
+                                                      "--pipeline-parallel-size", "2"]
+    assert [launcher._worker_env(both, i)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == \
+        ["0,1,2,3", "4,5,6,7"]
+
+
+def test_pipeline_parallel_workers_move_kv_over_grpc(monkeypatch):
+    from pagewire.services.worker.server import parse_args
+
+    config = parse_args(["--pipeline-parallel-size", "2"])
+    assert config.engine.pipeline_parallel_size == 2 and config.kv_transports == ("grpc",)
+    monkeypatch.setenv("PAGEWIRE_PIPELINE_PARALLEL_SIZE", "3")
+    assert parse_args([]).engine.pipeline_parallel_size == 3
 
 
 def test_worker_takes_dummy_weights_from_a_flag_or_the_environment(monkeypatch):

@@ -1,7 +1,7 @@
-"""`pagewire up --tensor-parallel-size 2`: a prefill and a decode worker of two ranks each; the
-prompt's KV leaves the prefill group with every head (gathered from its ranks) and enters the
-decode group (each rank keeping its heads) over gRPC, and the answers are the single-process
-engine's greedy ones."""
+"""`pagewire up --tensor-parallel-size 2` and `--pipeline-parallel-size 2`: a prefill and a
+decode worker of two ranks each; the prompt's KV leaves the prefill group whole (every head and
+layer, gathered from its ranks) and enters the decode group (each rank keeping its heads or its
+layers) over gRPC, and the answers are the single-process engine's greedy ones."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pagewire import SamplingParams
 from tests.integration.up_process import UpProcess
 
 
-def test_up_with_tp2_workers_answers_as_one_process(llm):
+@pytest.mark.parametrize("flag", ["--tensor-parallel-size", "--pipeline-parallel-size"])
+def test_up_with_two_rank_workers_answers_as_one_process(llm, flag):
     openai = pytest.importorskip("openai")
-    up = UpProcess("--tensor-parallel-size", "2", "--kv-cache-bytes", str(32 << 20),
-                   "--max-model-len", "1024")
+    up = UpProcess(flag, "2", "--kv-cache-bytes", str(32 << 20), "--max-model-len", "1024")
     try:
         up.wait_ready()
         client = openai.OpenAI(base_url=up.base_url, api_key="unused")
