@@ -93,6 +93,9 @@ def main() -> int:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="ranks of one engine (one GPU each on CUDA)")
+    parser.add_argument("--pipeline-parallel-size", type=int, default=1,
+                        help="pipeline stages (times --tensor-parallel-size ranks); async "
+                        "scheduling there means two micro-batches in the pipeline")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="pagewire's share of the GPU (leave room for transformers)")
     parser.add_argument("--kernels", default="auto", choices=("auto", "torch"),
@@ -119,6 +122,7 @@ def main() -> int:
               max_model_len=args.max_model_len, kernels=args.kernels,
               kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
               tensor_parallel_size=args.tensor_parallel_size,
+              pipeline_parallel_size=args.pipeline_parallel_size,
               gpu_memory_utilization=args.gpu_memory_utilization,
               async_scheduling={"on": True, "off": False}.get(args.async_scheduling),
               show_progress=False)
@@ -143,8 +147,11 @@ def main() -> int:
             results["transformers"].append(tokens / elapsed)
         for name, async_scheduling in variants.items():
             if async_scheduling is not None:
-                # A benchmark-only switch: the engine reads the flag at every step.
+                # A benchmark-only switch: the engine reads the flag at every step (and the
+                # scheduler its micro-batches, between rounds: nothing runs then).
                 llm.engine.config = llm.engine.config.replace(async_scheduling=async_scheduling)
+                llm.engine.scheduler.num_micro_batches = \
+                    args.pipeline_parallel_size if async_scheduling else 1
             elapsed, tokens = run_pagewire(llm, prompts, args.new_tokens)
             results[name].append(tokens / elapsed)
 

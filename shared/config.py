@@ -94,7 +94,8 @@ class EngineConfig:
     """Never replay CUDA graphs (they serve decode steps on the Triton path)."""
     async_scheduling: bool | None = None
     """Schedule and launch step N+1 before reading step N's tokens back, so the host's work
-    overlaps the device's. None: on CUDA only (on CPU the host is the device)."""
+    overlaps the device's. None: on CUDA only (on CPU the host is the device). Under pipeline
+    parallelism, True means micro-batches: two steps in the pipeline at once (None: off)."""
     kv_cache_shared_dir: str | None = None
     """CPU only: keep the KV cache in a file of this tmpfs folder (mapped shared), so a prefill
     worker on the same host can write a prompt's KV straight into it (the shm KV transport).
@@ -158,9 +159,9 @@ class EngineConfig:
             if self.quantization == "gguf":
                 raise ValueError("quantization='gguf' with tensor or pipeline parallelism is "
                                  "not supported yet (its packed embedding is not split)")
-            if self.async_scheduling:
-                raise ValueError("async_scheduling with tensor or pipeline parallelism is not "
-                                 "supported yet")
+            if self.async_scheduling and self.pipeline_parallel_size == 1:
+                raise ValueError("async_scheduling with tensor parallelism is not supported "
+                                 "yet")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {tuple(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
@@ -210,6 +211,8 @@ class EngineConfig:
     def use_async_scheduling(self) -> bool:
         if self.async_scheduling is not None:
             return self.async_scheduling
+        # Not the pipeline's micro-batches: on CPU (stages sharing the cores) they measured
+        # 0.79x one step at a time; they wait for a multi-GPU measurement (loadtests/RESULTS.md).
         return self.device.startswith("cuda") and self.parallel_size == 1
 
     @property

@@ -89,8 +89,11 @@ class LLMEngine:
               f"{kv.describe()}", flush=True)
         self.block_manager = BlockManager(kv.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
+        # Pipeline stages overlap two steps of disjoint micro-batches (async scheduling's
+        # one step in flight): while the last stage finishes one, the first starts the next.
+        micro_batches = config.pipeline_parallel_size if config.use_async_scheduling else 1
         self.scheduler = Scheduler(self.block_manager, config.seq_limit,
-                                   config.token_budget)
+                                   config.token_budget, micro_batches)
         self.eos_token_ids = eos_token_ids(self.source, self.tokenizer)
         self.kv_layout = KVLayout(self.source.name, dtype_name(config.kv_torch_dtype),
                                   config.block_size, spec.num_layers, spec.num_kv_heads,
@@ -235,7 +238,7 @@ class LLMEngine:
         for seq in result.seqs:
             seq.num_pending_tokens += 1
         result.needs_host_tokens |= speculating
-        return result if result.output is not None else None
+        return result if result.samples else None
 
     def _finish_step(self, result: StepResult, finished_only: bool) -> list[RequestOutput]:
         """Appends a launched step's sampled tokens once they reach the host."""

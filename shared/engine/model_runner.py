@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import logging
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -79,8 +80,18 @@ class StepResult:
     # A verify step (speculative drafts): rows per sequence (1 + its drafts); the output has
     # one row per scored position and host_output()'s num_accepted says how many were kept.
     num_rows: list[int] | None = None
+    # Pipeline parallelism: the logits are still in the pipeline; this samples once they are
+    # back (host_output calls it), so the next micro-batch's first stage runs meanwhile.
+    sample_later: Callable[[], StepResult] | None = None
+
+    @property
+    def samples(self) -> bool:
+        return self.output is not None or self.sample_later is not None
 
     def host_output(self) -> SamplerOutput:
+        if self.sample_later is not None:
+            sampled, self.sample_later = self.sample_later(), None
+            self.output, self.host_copy = sampled.output, sampled.host_copy
         assert self.output is not None and self.host_copy is not None
         return SamplerOutput(*self.host_copy.wait()[:4])
 
@@ -251,10 +262,19 @@ class ModelRunner:
                                logit_rows)
         if not sampling_seqs:
             return StepResult([], None)
+        if self.place is not None and self.place.stage is not None:  # in the pipeline still
+            logits_back = self.model.receive_logits(len(logit_rows), hidden.device)
+            return StepResult(sampling_seqs, None, row_of={s: row for row, s in
+                                                           enumerate(sampling_seqs)},
+                              sample_later=lambda: self._sample(logits_back(), sampling_seqs,
+                                                                num_rows))
         if len(logit_rows) < hidden.shape[0]:
             hidden = hidden[to_device(logit_rows, torch.long, self.device)]
-        logits = self.model.compute_logits(hidden)
-        if len(logit_rows) > len(sampling_seqs):
+        return self._sample(self.model.compute_logits(hidden), sampling_seqs, num_rows)
+
+    def _sample(self, logits: torch.Tensor, sampling_seqs: list[Sequence],
+                num_rows: list[int]) -> StepResult:
+        if sum(num_rows) > len(sampling_seqs):
             return self._verify(logits, sampling_seqs, num_rows)
         self._mask_stops_before_min_tokens(logits, sampling_seqs)
         grammars = [s.grammar for s in sampling_seqs]

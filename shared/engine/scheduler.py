@@ -7,6 +7,11 @@ sequences go first (FCFS), then waiting ones while the token budget, the sequenc
 free blocks allow. When blocks run out, the newest running sequence is
 preempted by recompute: its blocks are freed and it waits again at the front of the queue
 (its prefix may still hit the cache when it returns). Returns plain data; never touches tensors.
+
+Pipeline micro-batches (`num_micro_batches` > 1): each sequence belongs to one micro-batch (the
+one scheduling when it was admitted) and steps take the micro-batches in turn, so a step never
+holds a sequence whose previous token is still in the pipeline, and the stages work on two
+steps at once.
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int):
+                 max_num_batched_tokens: int, num_micro_batches: int = 1):
         self.block_manager = block_manager
+        self.num_micro_batches = num_micro_batches
+        self._turn = 0  # the micro-batch the next step schedules
         self.block_size = block_manager.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -52,16 +59,20 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        budget = self._schedule_running(batch, self.max_num_batched_tokens)
+        turn = self._turn % self.num_micro_batches
+        self._turn = turn + 1
+        budget = self._schedule_running(batch, self.max_num_batched_tokens, turn)
         if not batch.preempted:  # no room was short this step: admit new work
-            self._schedule_waiting(batch, budget)
+            self._schedule_waiting(batch, budget, turn)
         return batch
 
-    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+    def _schedule_running(self, batch: ScheduledBatch, budget: int, turn: int) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.reached_max_tokens:  # its last token is in flight: nothing left to compute
+            # its last token is in flight: nothing left to compute; or another micro-batch's
+            if seq.reached_max_tokens or (self.num_micro_batches > 1 and
+                                          seq.micro_batch != turn):
                 i += 1
                 continue
             spec = seq.spec_token_ids
@@ -81,12 +92,16 @@ class Scheduler:
             i += 1
         return budget
 
-    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int, turn: int) -> None:
         if not self.waiting:
             return
         # A sequence whose last token is in flight (async scheduling) leaves its seat now.
         num_active = sum(not seq.reached_max_tokens for seq in self.running)
-        while self.waiting and budget > 0 and num_active < self.max_num_seqs:
+        # Micro-batches stay even: this one admits up to its share of all the work.
+        share = -(-(len(self.running) + len(self.waiting)) // self.num_micro_batches)
+        in_turn = sum(seq.micro_batch == turn for seq in self.running)
+        while self.waiting and budget > 0 and num_active < self.max_num_seqs and \
+                (self.num_micro_batches == 1 or in_turn < share):
             seq = self.waiting[0]
             cached_blocks: list[int] = []
             if not seq.block_table:
@@ -106,8 +121,10 @@ class Scheduler:
             seq.num_computed_tokens = num_computed
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
+            seq.micro_batch = turn
             self.running.append(seq)
             num_active += 1
+            in_turn += 1
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             batch.num_prefix_hit_tokens += num_cached

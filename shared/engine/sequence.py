@@ -57,6 +57,7 @@ class Sequence:
     # Logprobs of each output token: (sampled logprob, {token_id: logprob} of the top-n).
     output_logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
     num_preemptions: int = 0
+    micro_batch: int = 0  # which of the scheduler's pipeline micro-batches it runs in
     num_pending_tokens: int = 0  # sampled on the device, not yet appended (async scheduling)
     max_num_tokens: int | None = None  # prompt + max_tokens within the context (engine sets it)
     # Where its prompt's KV goes as it is computed (a prefill worker's transfer): the engine

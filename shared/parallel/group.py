@@ -79,5 +79,11 @@ class TPGroup:
         self._pg.recv([x], src, 0).wait()
         return x
 
+    def start_recv(self, x: torch.Tensor, src: int):
+        """Posts a receive into x; returns a function that waits for it and returns x (the
+        sender need not wait for us meanwhile)."""
+        work = self._pg.recv([x], src, 0)
+        return lambda: (work.wait(), x)[1]
+
     def close(self) -> None:
         self._pg = self._store = None

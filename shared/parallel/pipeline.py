@@ -6,9 +6,13 @@ its own KV cache (its layers only) and sends the hidden states and the residual 
 whole hidden state after its block's all-reduce); the last applies the final norm and the LM
 head, and its first TP rank sends the logits back to rank 0, which samples.
 
-This first step runs one step at a time: while one stage computes, the others wait. Keeping
-stages busy needs micro-batches in flight (the next step's first stage starting while the
-last finishes this one), which the engine's synchronous step loop does not offer yet.
+By default the pipeline holds one step: while one stage computes, the others wait. With
+`async_scheduling=True` it holds two micro-batches (the scheduler's disjoint halves of the
+running sequences, in turn): rank 0 posts the receive of a step's logits at once and samples
+them only after launching the next step into the first stage (`receive_logits`,
+StepResult.sample_later), so the first stage computes one micro-batch while the last computes
+the other. On CPU, where the stages share the cores and decode reads the same weights for half
+the batch, that measured slower (loadtests/RESULTS.md); it is meant for one GPU per stage.
 """
 
 from __future__ import annotations
@@ -56,18 +60,19 @@ class PipelineStageModel(LlamaForCausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """The last stage scores the rows (its TP ranks gathering the vocabulary) and its first
-        TP rank sends them to rank 0, which receives them; other ranks return None."""
-        stage, place = self.stage, self.place
-        if stage.last:
-            logits = super().compute_logits(hidden)
-            if not stage.first and place.tp_rank == 0:
-                self.pipe.send(logits, 0)
-            return logits
-        if place.rank == 0:
-            return self.pipe.recv(torch.empty((hidden.shape[0], self.vocab_size),
-                                              dtype=torch.float32, device=hidden.device),
-                                  place.rank_in_stage(stage.size - 1))
-        return None
+        TP rank sends them to rank 0 (`receive_logits`); other ranks have nothing to do."""
+        if not self.stage.last:
+            return None
+        logits = super().compute_logits(hidden)
+        if self.place.tp_rank == 0:
+            self.pipe.send(logits, 0)
+        return logits
+
+    def receive_logits(self, num_rows: int, device: torch.device):
+        """Rank 0: posts the receive of a step's logits from the last stage at once (so its
+        send never waits on us), and returns the function that waits for them."""
+        buffer = torch.empty((num_rows, self.vocab_size), dtype=torch.float32, device=device)
+        return self.pipe.start_recv(buffer, self.place.rank_in_stage(self.stage.size - 1))
 
 
 def stage_name(name: str, stage, tied: bool) -> str | None:

@@ -1,7 +1,8 @@
 """Pipeline parallelism on CPU (gloo, one process per stage): the embedded model's 30 layers
 in two stages of 15 give the single-process engine's greedy tokens and the very same logprobs
-(each layer's arithmetic is unchanged; only the hidden states travel), and a dead stage fails
-the engine's next step."""
+(each layer's arithmetic is unchanged; only the hidden states travel), with two micro-batches in
+the pipeline or one step at a time; KV moves between PP sizes; TP x PP; a dead stage fails the
+engine's next step."""
 
 from __future__ import annotations
 
@@ -45,6 +46,20 @@ def pp_llm():
     llm.engine.runner.close()
 
 
+def test_two_micro_batches_in_the_pipeline_give_the_same_tokens(llm):
+    """async_scheduling=True: two micro-batches take turns, one in each stage at once (the
+    default holds one step in the pipeline; the test below checks it)."""
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    micro = make_llm(pipeline_parallel_size=2, async_scheduling=True)
+    try:
+        assert micro.engine.scheduler.num_micro_batches == 2
+        for a, b in zip(llm.generate(PROMPTS, greedy), micro.generate(PROMPTS, greedy)):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert micro.engine.stats.num_steps >= 2 * 16  # each micro-batch its own steps
+    finally:
+        micro.engine.runner.close()
+
+
 def test_two_stages_give_the_single_process_tokens_and_logprobs(llm, pp_llm):
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     for a, b in zip(llm.generate(PROMPTS, greedy), pp_llm.generate(PROMPTS, greedy)):
@@ -55,6 +70,7 @@ def test_two_stages_give_the_single_process_tokens_and_logprobs(llm, pp_llm):
     assert {t: lp.logprob for t, lp in a.items()} == {t: lp.logprob for t, lp in b.items()}
     runner = pp_llm.engine.runner
     assert len(runner.model.layers) == 15 and runner.kv_cache.shape[0] == 15
+    assert pp_llm.engine.scheduler.num_micro_batches == 1
 
 
 def test_a_killed_stage_fails_the_next_step_within_seconds():

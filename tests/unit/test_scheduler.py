@@ -154,3 +154,21 @@ def test_abort_waiting_sequence():
     b = sched.waiting[0]
     sched.finish(b, FinishReason.ABORT)
     assert b.finish_reason is FinishReason.ABORT and not sched.waiting
+
+
+def test_pipeline_micro_batches_take_turns_and_stay_even():
+    """Two micro-batches: each admits its share of the work, and a step holds only its own
+    sequences, so no step holds a sequence whose previous token is still in the pipeline."""
+    bm = BlockManager(64, BLOCK)
+    sched = Scheduler(bm, 8, 64, num_micro_batches=2)
+    for i in range(5):
+        sched.add(seq(f"r{i}", range(10 * i, 10 * i + 6), max_tokens=8))
+    assert step(sched) == {"r0": 6, "r1": 6, "r2": 6}  # its share: ceil(5 / 2)
+    assert step(sched) == {"r3": 6, "r4": 6}
+    assert step(sched) == {"r0": 1, "r1": 1, "r2": 1}  # turns alternate from then on
+    assert step(sched) == {"r3": 1, "r4": 1}
+    late = seq("late", range(90, 96))
+    sched.add(late)
+    assert step(sched) == {"r0": 1, "r1": 1, "r2": 1}  # its share is full: 3 of ceil(6 / 2)
+    assert step(sched) == {"r3": 1, "r4": 1, "late": 6}
+    assert {s.micro_batch for s in sched.running if s.request_id in ("r0", "late")} == {0, 1}
