@@ -213,7 +213,7 @@ def _time(gemm, x, qweight, scales, offsets, dense, group, sweep, copy_bw) -> di
         from pagewire.kernels.weight_only_gemm import _num_sms, choose_split_k
 
         for block_n in (32, 64, 128):
-            for block_k in (64, 128):
+            for block_k in (128, 256):  # 16 packed words a step at least (tl.dot)
                 auto = choose_split_k(-(-n // block_n), k // block_k, _num_sms(x.device))
                 for split_k in sorted({max(1, auto // 2), auto, auto * 2}):
                     for num_warps in (4, 8):

@@ -29,16 +29,18 @@ def _layer(k, n, bits, group, seed):
     return pack_rows(q, bits).to(DEVICE), scales.to(DEVICE), offsets.to(DEVICE)
 
 
-@pytest.mark.parametrize("m, k, n, bits, group, split_k", [
-    (1, 256, 96, 4, 128, None),   # one row; N not a multiple of the block
-    (5, 512, 64, 4, 32, 3),       # 3 slices of 16 steps of 32: the last slice is short
-    (16, 128, 80, 8, 64, 2),      # 8-bit
-    (9, 96, 64, 8, 16, 1),        # GGUF Q6_K's groups of 16 (stored in 8 bits)
+@pytest.mark.parametrize("m, k, n, bits, group, block_k, split_k", [
+    (1, 256, 96, 4, 128, 128, None),  # one row; N not a multiple of the block; scales folded
+    (5, 1280, 64, 4, 32, 128, 3),     # groups of 32 (GGUF Q4): dequantized per word row;
+                                      # 3 slices of 10 steps: the last slice is short
+    (16, 256, 80, 8, 64, 64, 2),      # 8-bit, folded
+    (9, 96, 64, 8, 16, 64, 1),        # GGUF Q6_K's groups of 16 (in 8 bits); K ends mid-step
+    (3, 576, 48, 4, 32, 256, 1),      # SmolLM2's K = 576: 2.25 steps of 256, stored directly
 ])
-def test_matches_the_reference(m, k, n, bits, group, split_k):
+def test_matches_the_reference(m, k, n, bits, group, block_k, split_k):
     qweight, scales, offsets = _layer(k, n, bits, group, seed=m * k + n)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE)
-    out = weight_only_gemm(x, qweight, scales, offsets, bits, group, block_k=min(group, 64),
+    out = weight_only_gemm(x, qweight, scales, offsets, bits, group, block_k=block_k,
                            split_k=split_k)
     ref = weight_only_gemm_reference(x, qweight, scales, offsets, bits, group)
     assert out.shape == (m, n) and out.dtype == x.dtype
