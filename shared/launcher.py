@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,20 +63,30 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+_HANDED_OUT: deque[int] = deque(maxlen=4096)  # this process's recent answers, not given twice
+
+
 def free_port() -> int:
     """A port free now, for a process started next to bind. Taken below the kernel's ephemeral
     range: a port bind(0) hands out and we close can be handed out again to the next bind(0) in
     any process (a NIXL worker's UCX listeners bind many) before ours binds it; seen in CI as a
-    worker that could not bind its port. The kernel never hands out ports below the range."""
+    worker that could not bind its port. The kernel never hands out ports below the range. Nor
+    is a port handed out twice by this process: several ports are picked before any is bound
+    (a cluster's services), and a random pick can repeat; seen in CI as a gateway whose port a
+    worker's gRPC server held."""
     low = _ephemeral_low()
     for _ in range(200):
         port = random.randrange(10000, low) if low > 11000 else 0
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return s.getsockname()[1]
+            port = s.getsockname()[1]
+        _HANDED_OUT.append(port)
+        return port
     raise RuntimeError("found no free TCP port")
 
 

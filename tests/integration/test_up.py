@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from pagewire import SamplingParams
 from pagewire.import_roots import pagewire_argv
 from pagewire.launcher import free_port
 from tests.integration.up_process import UpProcess
@@ -26,19 +25,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_up_serves_the_openai_api_and_stops_everything(llm, tmp_path):
-    openai = pytest.importorskip("openai")
+    pytest.importorskip("openai")
     # Port 1 has no Redis: `up` must start its own redis-server (installed on this machine).
     up = UpProcess("--redis-url", "redis://127.0.0.1:1/0", "--kv-cache-bytes", str(400 << 20))
     try:
         up.wait_ready()
         assert any("private redis-server" in line for line in up.lines)
-        client = openai.OpenAI(base_url=up.base_url, api_key="unused")
-        messages = [{"role": "user", "content": "What is the capital of France?"}]
-        reply = client.chat.completions.create(model="SmolLM2-135M-Instruct",
-                                               messages=messages, max_tokens=16,
-                                               temperature=0)
-        expected = llm.chat(messages, SamplingParams(temperature=0, max_tokens=16))
-        assert reply.choices[0].message.content == expected[0].outputs[0].text
+        up.assert_answers_as(llm, [{"role": "user",
+                                    "content": "What is the capital of France?"}], 16)
         _bench_smoke(up.base_url, tmp_path)
     finally:
         code = up.stop()

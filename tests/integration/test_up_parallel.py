@@ -7,22 +7,16 @@ from __future__ import annotations
 
 import pytest
 
-from pagewire import SamplingParams
 from tests.integration.up_process import UpProcess
 
 
 @pytest.mark.parametrize("flag", ["--tensor-parallel-size", "--pipeline-parallel-size"])
 def test_up_with_two_rank_workers_answers_as_one_process(llm, flag):
-    openai = pytest.importorskip("openai")
+    pytest.importorskip("openai")
     up = UpProcess(flag, "2", "--kv-cache-bytes", str(32 << 20), "--max-model-len", "1024")
     try:
         up.wait_ready()
-        client = openai.OpenAI(base_url=up.base_url, api_key="unused")
-        messages = [{"role": "user", "content": "Name three colours of the rainbow."}]
-        reply = client.chat.completions.create(model="SmolLM2-135M-Instruct",
-                                               messages=messages, max_tokens=24,
-                                               temperature=0)
-        expected = llm.chat(messages, SamplingParams(temperature=0, max_tokens=24))
-        assert reply.choices[0].message.content == expected[0].outputs[0].text
+        up.assert_answers_as(llm, [{"role": "user",
+                                    "content": "Name three colours of the rainbow."}], 24)
     finally:
         assert up.stop() == 0

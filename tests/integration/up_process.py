@@ -41,6 +41,18 @@ class UpProcess:
                 break
         assert self._ready.is_set(), "".join(self.lines[-30:])
 
+    def assert_answers_as(self, llm, messages: list[dict], max_tokens: int) -> None:
+        """A greedy chat through the official client gets the offline engine's answer."""
+        import openai
+
+        from pagewire import SamplingParams
+
+        client = openai.OpenAI(base_url=self.base_url, api_key="unused")
+        reply = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages,
+                                               max_tokens=max_tokens, temperature=0)
+        expected = llm.chat(messages, SamplingParams(temperature=0, max_tokens=max_tokens))
+        assert reply.choices[0].message.content == expected[0].outputs[0].text
+
     def stop(self) -> int:
         """Ctrl-C, as a terminal sends it; its exit code."""
         if self.process.poll() is None:

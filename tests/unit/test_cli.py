@@ -119,3 +119,15 @@ def test_free_ports_come_from_below_the_kernels_ephemeral_range():
     if low > 11000:
         assert all(10000 <= p < low for p in ports)
     assert len(ports) > 1
+
+
+def test_a_free_port_is_not_handed_out_twice(monkeypatch):
+    """Ports picked before any is bound (a cluster's services) must differ, even when the
+    random pick repeats."""
+    from pagewire import launcher
+
+    picks = iter([12345, 12345, 12345, 23456])
+    monkeypatch.setattr(launcher.random, "randrange", lambda low, high: next(picks))
+    monkeypatch.setattr(launcher, "_ephemeral_low", lambda: 32768)
+    monkeypatch.setattr(launcher, "_HANDED_OUT", launcher.deque(maxlen=4096))
+    assert [launcher.free_port(), launcher.free_port()] == [12345, 23456]
