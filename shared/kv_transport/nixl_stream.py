@@ -81,22 +81,24 @@ class NixlStreamer(BlockStream):
             if item is _END:
                 ending = True
             elif item is not None:
-                started = self._start(*item)
+                ready, src_ids, dst_ids = item
+                if ready is not None:  # the step's KV is written (not the bytes' time)
+                    ready.synchronize()
+                posted = time.perf_counter()  # UCX may move the bytes inside the post itself
+                started = self._start(src_ids, dst_ids)
                 if started is not None:
                     if not in_flight:
-                        busy_since = time.perf_counter()
+                        busy_since = posted
                     in_flight.append(started)
             if in_flight:
                 in_flight = self._poll(in_flight)
                 if not in_flight:
                     self.seconds += time.perf_counter() - busy_since
 
-    def _start(self, ready, src_ids: list[int], dst_ids: list[int]):
+    def _start(self, src_ids: list[int], dst_ids: list[int]):
         """A started write, or None when the transfer has failed (the send is dropped)."""
         if self.error is None:
             try:
-                if ready is not None:
-                    ready.synchronize()
                 return self._endpoint.start_write(self._peer, src_ids, dst_ids)
             except Exception as exc:  # noqa: BLE001 - reported to the request by `wait`
                 self.error = exc
