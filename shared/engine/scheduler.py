@@ -97,9 +97,12 @@ class Scheduler:
             return
         # A sequence whose last token is in flight (async scheduling) leaves its seat now.
         num_active = sum(not seq.reached_max_tokens for seq in self.running)
-        # Micro-batches stay even: this one admits up to its share of all the work.
-        share = -(-(len(self.running) + len(self.waiting)) // self.num_micro_batches)
-        in_turn = sum(seq.micro_batch == turn for seq in self.running)
+        # Micro-batches stay even: this one admits up to its share of all the work (counted
+        # only where there are several: the loop runs at every step).
+        share = in_turn = 0
+        if self.num_micro_batches > 1:
+            share = -(-(len(self.running) + len(self.waiting)) // self.num_micro_batches)
+            in_turn = sum(seq.micro_batch == turn for seq in self.running)
         while self.waiting and budget > 0 and num_active < self.max_num_seqs and \
                 (self.num_micro_batches == 1 or in_turn < share):
             seq = self.waiting[0]
