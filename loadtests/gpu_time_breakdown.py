@@ -5,7 +5,7 @@ device activity recorded (the host side is profile_engine.py's job). Kernels are
 what they do: GEMMs, attention, the small fused ops, sampling and logits, copies. GPU busy
 time against wall time says how much of the run the host still leaves the GPU waiting.
 
-    python loadtests/gpu_time_breakdown.py --model loadtests/configs/llama3-8b
+    python loadtests/gpu_time_breakdown.py --model loadtests/configs/llama3-8b [--quantization fp8]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ GROUPS = [
     ("attention (prefill)", ("_prefill_kernel",)),
     ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_")),
     ("RMSNorm, rotary, SiLU, KV write", ("_rms_norm", "_rotary", "_silu", "_kv_cache_write")),
+    ("activation quantization", ("_per_token_fp8", "_fp8_quant")),
     ("sampling and logits", ("argmax", "softmax", "topk", "sort", "exponential", "log_softmax",
                              "reduce_kernel", "gather")),
     ("copies and indexing", ("memcpy", "memset", "copy", "index", "scatter", "cat", "fill")),
@@ -45,12 +46,14 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
+    parser.add_argument("--quantization", default=None, help="fp8: weights quantized at load")
     args = parser.parse_args()
 
     from pagewire import LLM, SamplingParams
 
     llm = LLM(model=args.model, load_format="dummy", device="cuda", max_model_len=4096,
-              kv_cache_dtype=args.kv_cache_dtype, show_progress=False)
+              kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+              show_progress=False)
     prompts = make_prompts(args.num_prompts, 128, 1024, llm.engine.runner.spec.vocab_size, 0)
     requests = [{"prompt_token_ids": p} for p in prompts]
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
