@@ -6,7 +6,8 @@
 #            config, loadtests/configs/llama3-8b-w4a16), one process each;
 #   w1       W1 (512 requests, prompts 128-1024, 256 new tokens) with bf16 and fp8 weights, one
 #            process each, one after the other, with --full-warmup as W1's earlier figures
-#            (W1_METHODS picks them: "none fp8" by default).
+#            (W1_METHODS picks them: "none fp8" by default; W1_KV=fp8: both with an fp8 KV cache).
+#   breakdown gpu_time_breakdown.py: W1's GPU time by kernel group, per method (W1_METHODS).
 #   bash loadtests/gpu_quantization.sh kernels decode
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
@@ -29,14 +30,22 @@ for step in "$@"; do
       done ;;
     w1)
       for quantization in ${W1_METHODS:-none fp8}; do
-        flags=()
-        [ "$quantization" = none ] || flags=(--quantization "$quantization")
+        flags=(--kv-cache-dtype "${W1_KV:-auto}")
+        [ "$quantization" = none ] || flags+=(--quantization "$quantization")
         python3 loadtests/offline_throughput.py --model loadtests/configs/llama3-8b \
           --load-format dummy --dtype bfloat16 --device cuda --num-prompts 512 --min-len 128 \
           --max-len 1024 --new-tokens 256 --rounds 2 --no-hf --max-model-len 4096 \
-          --full-warmup "${flags[@]}" --json "$OUT/w1-$quantization.json" 2>&1 \
+          --full-warmup "${flags[@]}" --json "$OUT/w1-$quantization-kv${W1_KV:-auto}.json" 2>&1 \
           | tee -a "$OUT/w1.log"
       done ;;
-    *) echo "unknown step $step (kernels, decode, w1)"; exit 2 ;;
+    breakdown)
+      for quantization in ${W1_METHODS:-none fp8}; do
+        flags=(--kv-cache-dtype "${W1_KV:-auto}")
+        [ "$quantization" = none ] || flags+=(--quantization "$quantization")
+        echo "=== breakdown $quantization, KV ${W1_KV:-auto}" | tee -a "$OUT/breakdown.log"
+        (cd loadtests && python3 gpu_time_breakdown.py --model configs/llama3-8b --top 16 \
+          "${flags[@]}") 2>&1 | tee -a "$OUT/breakdown.log"
+      done ;;
+    *) echo "unknown step $step (kernels, decode, w1, breakdown)"; exit 2 ;;
   esac
 done

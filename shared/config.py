@@ -94,8 +94,10 @@ class EngineConfig:
     """Never replay CUDA graphs (they serve decode steps on the Triton path)."""
     async_scheduling: bool | None = None
     """Schedule and launch step N+1 before reading step N's tokens back, so the host's work
-    overlaps the device's. None: on CUDA only (on CPU the host is the device). Under pipeline
-    parallelism, True means micro-batches: two steps in the pipeline at once (None: off)."""
+    overlaps the device's. None: on CUDA with one rank (on CPU the host is the device; under
+    parallelism it waits for a multi-GPU measurement). Under tensor parallelism rank 0 sends
+    the tokens step N sampled to the other ranks on the device; under pipeline parallelism True
+    means micro-batches: two steps in the pipeline at once."""
     kv_cache_shared_dir: str | None = None
     """CPU only: keep the KV cache in a file of this tmpfs folder (mapped shared), so a prefill
     worker on the same host can write a prompt's KV straight into it (the shm KV transport).
@@ -107,12 +109,11 @@ class EngineConfig:
     layout without it. None: the model's dtype."""
     tensor_parallel_size: int = 1
     """Ranks (processes; one GPU each on CUDA) that each hold a slice of every layer
-    (parallel/). Above 1, steps run synchronously and without CUDA graphs, with neither
-    speculative decoding nor pre-quantized checkpoints, and in the offline engine only: the
-    first step of tensor parallelism."""
+    (parallel/). Above 1, steps run without CUDA graphs, and neither speculative decoding nor
+    quantization="gguf" is supported yet."""
     pipeline_parallel_size: int = 1
-    """Stages (processes) of consecutive layers (parallel/pipeline.py), in the offline engine
-    and without tensor parallelism beside it so far; one step in flight at a time."""
+    """Stages of consecutive layers (parallel/pipeline.py), each of tensor_parallel_size
+    ranks; one step in flight at a time unless async_scheduling=True (micro-batches)."""
     speculative_config: SpeculativeConfig | dict | str | None = None
     """Speculative decoding, vLLM's dict (or its JSON): {"method": "ngram",
     "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}. Kept as a
@@ -159,9 +160,6 @@ class EngineConfig:
             if self.quantization == "gguf":
                 raise ValueError("quantization='gguf' with tensor or pipeline parallelism is "
                                  "not supported yet (its packed embedding is not split)")
-            if self.async_scheduling and self.pipeline_parallel_size == 1:
-                raise ValueError("async_scheduling with tensor parallelism is not supported "
-                                 "yet")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {tuple(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")

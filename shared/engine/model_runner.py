@@ -340,17 +340,21 @@ class ModelRunner:
         if graphs is not None and len(seqs) <= graphs.max_batch and \
                 len(input_ids) == len(seqs):  # decode only: one new token per sequence
             return graphs.run(input_ids, positions, context_lens, block_tables, patch)
-        if self.tp is not None:  # no async scheduling here: every input token is known
-            step = StepInputs(num_new, context_lens, input_ids, positions, logit_rows,
-                              block_tables)
-            step_message.send(self.tp, step_message.STEP, step)
-            return run_step(self.model, self.layer_caches, step, self.config.block_size,
-                            self.device)
-        meta = build_attention_metadata(num_new, context_lens, block_tables,
-                                        self.config.block_size, self.device)
         ids = to_device(input_ids, torch.long, self.device)
         if patch is not None:
             patch(ids)
+        if self.tp is not None:
+            step = StepInputs(num_new, context_lens, input_ids, positions, logit_rows,
+                              block_tables)
+            # Tokens the step in flight sampled follow on the device (step_message.py).
+            step_message.send(self.tp, step_message.STEP, step,
+                              0 if patch is None else step_message.IDS_ON_DEVICE)
+            if patch is not None:
+                self.tp.broadcast(ids)
+            return run_step(self.model, self.layer_caches, step, self.config.block_size,
+                            self.device, ids)
+        meta = build_attention_metadata(num_new, context_lens, block_tables,
+                                        self.config.block_size, self.device)
         return self.model(ids, to_device(positions, torch.long, self.device),
                           self.layer_caches, meta)
 
@@ -507,13 +511,15 @@ def write_rank_blocks(kv_cache: torch.Tensor, index: torch.Tensor,
         kv_cache.index_copy_(2, index, blocks)
 
 
-def run_step(model, layer_caches, step: StepInputs, block_size: int,
-             device: torch.device) -> torch.Tensor:
-    """One forward from plain step inputs: rank 0 and its followers run the same one."""
+def run_step(model, layer_caches, step: StepInputs, block_size: int, device: torch.device,
+             ids: torch.Tensor | None = None) -> torch.Tensor:
+    """One forward from plain step inputs: rank 0 and its followers run the same one. ids: the
+    input ids on the device already (else step.input_ids)."""
     meta = build_attention_metadata(step.num_new, step.context_lens, step.block_tables,
                                     block_size, device)
-    return model(to_device(step.input_ids, torch.long, device),
-                 to_device(step.positions, torch.long, device), layer_caches, meta)
+    if ids is None:
+        ids = to_device(step.input_ids, torch.long, device)
+    return model(ids, to_device(step.positions, torch.long, device), layer_caches, meta)
 
 
 def profile_kv_budget(model, spec: ModelSpec, config: EngineConfig,

@@ -36,6 +36,7 @@ def rank_device(config, rank: int) -> torch.device:
 def serve(config, rank: int, size: int, init_method: str) -> int:
     from transformers import AutoConfig
 
+    from pagewire.device_copies import to_device
     from pagewire.engine.model_runner import (
         gather_rank_blocks,
         load_model,
@@ -83,10 +84,13 @@ def serve(config, rank: int, size: int, init_method: str) -> int:
                 write_rank_blocks(kv_cache, index,
                                   kv_blocks.own_part(blocks, *place.kv_slices(spec)))
             else:
-                hidden = run_step(model, caches, step, config.block_size, device)
-                if step.logit_rows:
-                    rows = torch.tensor(step.logit_rows, dtype=torch.long, device=device)
-                    model.compute_logits(hidden[rows])
+                ids = None
+                if value == step_message.IDS_ON_DEVICE:  # sampled by rank 0, not read back
+                    ids = group.broadcast(torch.empty(len(step.input_ids), dtype=torch.long,
+                                                      device=device))
+                hidden = run_step(model, caches, step, config.block_size, device, ids)
+                if step.logit_rows:  # the vocabulary-parallel LM head gathers
+                    model.compute_logits(hidden[to_device(step.logit_rows, torch.long, device)])
     except RuntimeError as exc:  # a collective failed: rank 0 (or another rank) is gone
         print(f"pagewire: parallel rank {rank} stops: {str(exc).splitlines()[0][:200]}",
               file=sys.stderr, flush=True)

@@ -2,36 +2,53 @@
 its own TCP store (so several engines can live in one process, as tests make them), gloo on
 CPU and NCCL on CUDA, outside torch.distributed's global default group. A collective that
 fails (a rank died, its socket closed) raises: the engine stops and its worker is treated as
-lost."""
+lost.
+
+A second, gloo group carries rank 0's control messages (parallel/step_message.py) as host
+tensors. Its followers wait for the next message without a deadline: an engine may sit idle for
+hours, and rank 0's death closes its sockets, which ends the wait at once (with the data group's
+timeout, an engine idle for a minute lost its followers). On CUDA it also lets a follower read the
+next step's inputs while its GPU still runs the last one, and launch the next forward behind
+it, where a message over NCCL makes its host wait for its GPU before every step."""
 
 from __future__ import annotations
 
 import datetime
+import os
 from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
 
-# A rank that dies mid-collective usually closes its sockets and the others fail at once; the
-# timeout bounds the rest (a hung, not dead, peer).
-TIMEOUT = datetime.timedelta(seconds=60)
+JOIN_TIMEOUT = datetime.timedelta(seconds=60)  # for the ranks to start and meet at the store
+CONTROL_TIMEOUT = datetime.timedelta(days=3650)  # "forever", within gloo's clock arithmetic
+
+
+def collective_timeout() -> datetime.timedelta:
+    """A rank that dies mid-collective usually closes its sockets and the others fail at once;
+    this bounds the rest (a hung, not dead, peer). PAGEWIRE_COLLECTIVE_TIMEOUT_S: 60 s."""
+    return datetime.timedelta(seconds=float(os.environ.get("PAGEWIRE_COLLECTIVE_TIMEOUT_S",
+                                                           60)))
 
 
 class TPGroup:
     def __init__(self, rank: int, size: int, init_method: str | None, device: torch.device,
                  store: dist.Store | None = None):
         """init_method: tcp://HOST:PORT, where rank 0 listens for the others (or `store`: a
-        sub-group's, from `subgroup`)."""
+        sub-group's, from `subgroup`, which carries no control messages)."""
         self.rank, self.size, self.device = rank, size, device
+        timeout = collective_timeout()
         if store is None:
             address = urlparse(init_method)
             store = dist.TCPStore(address.hostname, address.port, size, is_master=rank == 0,
-                                  timeout=TIMEOUT)
+                                  timeout=JOIN_TIMEOUT)
         self._store = store
         if device.type == "cuda":
             self._pg = dist.ProcessGroupNCCL(self._store, rank, size)
         else:
-            self._pg = dist.ProcessGroupGloo(self._store, rank, size, TIMEOUT)
+            self._pg = dist.ProcessGroupGloo(self._store, rank, size, timeout)
+        self._control = None if init_method is None else dist.ProcessGroupGloo(
+            dist.PrefixStore("control", self._store), rank, size, CONTROL_TIMEOUT)
 
     def subgroup(self, name: str, rank: int, size: int) -> TPGroup:
         """A group of some of these ranks (a pipeline stage's TP ranks), on this group's store
@@ -71,6 +88,11 @@ class TPGroup:
         self._pg.broadcast(x, 0).wait()
         return x
 
+    def broadcast_host(self, x: torch.Tensor) -> torch.Tensor:
+        """From rank 0 to all (in place), a CPU tensor over the control group."""
+        self._control.broadcast(x, 0).wait()
+        return x
+
     def send(self, x: torch.Tensor, dst: int) -> None:
         """Point to point (a pipeline stage's activations to the next)."""
         self._pg.send([x.contiguous()], dst, 0).wait()
@@ -86,4 +108,4 @@ class TPGroup:
         return lambda: (work.wait(), x)[1]
 
     def close(self) -> None:
-        self._pg = self._store = None
+        self._pg = self._control = self._store = None

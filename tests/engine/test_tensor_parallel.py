@@ -79,6 +79,47 @@ def test_kv_moves_between_engines_of_different_tp_sizes(llm, tp_llm, direction):
     assert_kv_moves(llm, source, target, direction)
 
 
+def test_async_scheduling_sends_the_sampled_tokens_on_the_device(llm, monkeypatch):
+    """async_scheduling under TP: rank 0 launches step N+1 before reading step N's tokens
+    back, so their ids go to the other rank as a device broadcast (IDS_ON_DEVICE). The
+    answers equal the single process's, greedy and seeded."""
+    from pagewire.engine import model_runner
+    from pagewire.parallel import step_message
+
+    sent = []
+    real_send = step_message.send
+    monkeypatch.setattr(model_runner.step_message, "send", lambda group, kind, step=None,
+                        value=0: (sent.append((kind, value)), real_send(group, kind, step,
+                                                                        value)))
+    tp_async = make_llm(tensor_parallel_size=2, async_scheduling=True)
+    try:
+        for params in (SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                       SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=24,
+                                      ignore_eos=True)):
+            for a, b in zip(llm.generate(PROMPTS, params), tp_async.generate(PROMPTS, params)):
+                assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    finally:
+        tp_async.engine.runner.close()
+    on_device = sum(1 for kind, value in sent
+                    if kind == step_message.STEP and value == step_message.IDS_ON_DEVICE)
+    assert on_device >= 2 * 20, sent  # every decode step after the first, in both runs
+
+
+def test_an_idle_engine_keeps_its_ranks_past_the_collective_timeout(monkeypatch):
+    """Followers wait for rank 0's next message without the collectives' deadline (an engine
+    idle for a minute used to lose them: the next step failed)."""
+    monkeypatch.setenv("PAGEWIRE_COLLECTIVE_TIMEOUT_S", "2")
+    tp = make_llm(tensor_parallel_size=2)
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    try:
+        first = tp.generate(PROMPTS[0], greedy)[0].outputs[0].token_ids
+        time.sleep(4)
+        assert all(p.poll() is None for p in tp.engine.runner.followers)
+        assert tp.generate(PROMPTS[0], greedy)[0].outputs[0].token_ids == first
+    finally:
+        tp.engine.runner.close()
+
+
 def test_an_fp8_kv_cache_splits_by_heads_too():
     """Each rank holds its heads' KV in fp8. Float32 sums that differ in their last bits
     (each rank's GEMM is another shape) can round to another fp8 value, so greedy answers
