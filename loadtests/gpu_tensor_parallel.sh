@@ -4,8 +4,9 @@
 # tok/s(TP=2) / (2 x tok/s(TP=1)). Then, where four GPUs are lent, Llama-3-70B shapes at TP=4
 # (they do not fit one GPU in bf16): that it serves at all, and its W1 throughput.
 #   bash loadtests/gpu_tensor_parallel.sh [tp1 tp2 pp2 tp4-70b]
-# (pp2: Llama-3-8B in two pipeline stages on two GPUs, one step in the pipeline against two
-# micro-batches, round by round on one engine.)
+# (tp2 alternates async scheduling off and on, round by round on one engine: it is off by
+# default under parallelism until this measures it; pp2: Llama-3-8B in two pipeline stages on
+# two GPUs, one step in the pipeline against two micro-batches, the same way.)
 # Step `before` (issue 18's "TP=1 loses nothing", one GPU): W1 from the engine as it was before
 # tensor parallelism, a tree carried in .before/ (gitignored), made with
 #   mkdir .before && git archive 82857b3 shared kernels services loadtests | tar x -C .before
@@ -16,11 +17,11 @@ mkdir -p "$OUT"
 export OFFLINE_ONLY=1
 # shellcheck disable=SC1091
 source loadtests/gpu_setup.sh
-w1() {  # model, tp, label
+w1() {  # model, tp, label, flags...
   python3 loadtests/offline_throughput.py --model "$1" --load-format dummy --dtype bfloat16 \
     --device cuda --num-prompts 512 --min-len 128 --max-len 1024 --new-tokens 256 --rounds 2 \
     --no-hf --max-model-len 4096 --full-warmup --tensor-parallel-size "$2" \
-    --json "$OUT/w1-$3.json" 2>&1 | tee -a "$OUT/tp.log"
+    --json "$OUT/w1-$3.json" "${@:4}" 2>&1 | tee -a "$OUT/tp.log"
 }
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(tp1 tp2)
@@ -34,7 +35,7 @@ for step in "${steps[@]}"; do
         | tee -a "$OUT/tp.log")
       source loadtests/gpu_setup.sh ;;  # links this tree again
     tp1) w1 loadtests/configs/llama3-8b 1 tp1 ;;
-    tp2) w1 loadtests/configs/llama3-8b 2 tp2 ;;
+    tp2) w1 loadtests/configs/llama3-8b 2 tp2 --async-scheduling both ;;  # off by default
     pp2)  # two stages, one GPU each: one step in the pipeline against two micro-batches
       python3 loadtests/offline_throughput.py --model loadtests/configs/llama3-8b \
         --load-format dummy --dtype bfloat16 --device cuda --num-prompts 512 --min-len 128 \
