@@ -109,8 +109,8 @@ class EngineConfig:
     layout without it. None: the model's dtype."""
     tensor_parallel_size: int = 1
     """Ranks (processes; one GPU each on CUDA) that each hold a slice of every layer
-    (parallel/). Above 1, steps run without CUDA graphs, and neither speculative decoding nor
-    quantization="gguf" is supported yet."""
+    (parallel/). Above 1, steps run without CUDA graphs, and speculative decoding is not
+    supported yet."""
     pipeline_parallel_size: int = 1
     """Stages of consecutive layers (parallel/pipeline.py), each of tensor_parallel_size
     ranks; one step in flight at a time unless async_scheduling=True (micro-batches)."""
@@ -157,9 +157,6 @@ class EngineConfig:
             if self.speculative_config is not None:
                 raise ValueError("speculative decoding with tensor or pipeline parallelism is "
                                  "not supported yet")
-            if self.quantization == "gguf":
-                raise ValueError("quantization='gguf' with tensor or pipeline parallelism is "
-                                 "not supported yet (its packed embedding is not split)")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {tuple(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")

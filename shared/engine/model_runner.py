@@ -463,11 +463,12 @@ def load_model(spec: ModelSpec, source: ModelSource, config: EngineConfig, place
         if source.gguf_file is None:
             raise ValueError("quantization='gguf' needs a .gguf model (the embedded default is "
                              f"one); {source.model_dir} is not")
-        prepare_gguf(model, source.gguf_file)
+        prepare_gguf(model, source.gguf_file, 0 if stage is None else stage.layers.start)
     if (load_format or config.load_format) == "dummy":
         init_dummy_weights(model, config.seed)
     elif config.quantization == "gguf":
-        load_weights(model, gguf_tensors(source.gguf_file, spec.num_heads, spec.num_kv_heads))
+        load_weights(model, gguf_tensors(source.gguf_file, spec.num_heads, spec.num_kv_heads),
+                     shard, stage)
     else:
         load_weights(model, checkpoint_tensors(iter_safetensors(source.model_dir), hf_config),
                      shard, stage)

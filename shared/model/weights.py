@@ -75,8 +75,10 @@ def rank_slice(name: str, tensor: torch.Tensor, shard, head_dim: int) -> torch.T
         if kind == "weight_scale" and tensor.numel() == 1:
             return tensor
         return tensor.narrow(dim, cut.start * step, cut.size * step)
-    if module in ("embed_tokens", "lm_head"):
-        return tensor.narrow(0, shard.vocab.start, shard.vocab.size)
+    if module in ("embed_tokens", "lm_head") or name.startswith("embed_tokens.layer."):
+        # A packed (GGUF) embedding or head is hidden -> vocab: its vocabulary is dim 1.
+        dim = 1 if kind in ("qweight", "scales", "offsets") else 0
+        return tensor.narrow(dim, shard.vocab.start, shard.vocab.size)
     if module in ("o_proj", "down_proj"):
         if kind in ("bias", "weight_scale"):  # per output row: every rank's sum needs it once
             return tensor if kind == "weight_scale" or shard.rank == 0 else \

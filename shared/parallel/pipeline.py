@@ -87,7 +87,8 @@ def stage_name(name: str, stage, tied: bool) -> str | None:
     if name.startswith("embed_tokens."):
         if stage.first:
             return name
-        return "lm_head.weight" if tied and stage.last else None
+        # weight, or a packed embedding's layer.{qweight, scales, offsets} (GGUF)
+        return "lm_head." + name.rsplit(".", 1)[1] if tied and stage.last else None
     if name.startswith(("norm.", "lm_head.")):
         return name if stage.last else None
     return name

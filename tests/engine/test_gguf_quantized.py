@@ -151,3 +151,24 @@ def test_a_fused_layer_of_mixed_types_takes_the_widest_layout():
     want = dequantize(raw, GGMLQuantizationType.Q4_K).reshape(8, 256)
     np.testing.assert_allclose(packed.reference_weight().numpy(), want, rtol=1e-6,
                                atol=1e-6 * np.abs(want).max())
+
+
+def test_a_pipeline_stage_takes_its_layers_types_by_the_files_numbering():
+    """Stage 2 of a model holds the file's layers 2 and 3 as its 0 and 1: a layer's GGUF types
+    (llama.cpp's mixes vary them by layer) are looked up under the file's number."""
+    from transformers import LlamaConfig
+
+    from pagewire.model.llama import LlamaForCausalLM, ModelSpec
+    from pagewire.model.quantization.gguf import prepare_projections
+
+    spec = ModelSpec.from_hf_config(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256))
+    parts = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    kinds = {f"model.layers.{i}.{part}": "Q4_1" for i in range(4) for part in parts}
+    kinds["model.layers.3.mlp.down_proj"] = "Q6_K"
+    model = LlamaForCausalLM(spec)
+    prepare_projections(model, kinds, exact_f16=False, first_layer=2)
+    downs = [model.layers[i].mlp.down_proj for i in range(2)]
+    assert [(d.bits, d.group_size) for d in downs] == [(4, 32), (8, 16)]

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from pagewire import SamplingParams
+from pagewire.model.quantization.gguf import PackedEmbedding
 from pagewire.model.quantization.int8 import Int8Linear
 from pagewire.model.quantization.weight_only import WeightOnlyLinear
 from tests.engine.helpers import make_llm
@@ -92,6 +93,30 @@ def test_act_order_rows_are_refused_under_tensor_parallelism(tmp_path):
         make_llm(model=model, kv_cache_memory_bytes=8 << 20, tensor_parallel_size=2)
 
 
-def test_gguf_under_parallelism_is_refused_by_name():
-    with pytest.raises(ValueError, match="quantization='gguf' with tensor or pipeline"):
-        make_llm(quantization="gguf", tensor_parallel_size=2)
+GGUF_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
+
+
+@pytest.mark.parametrize("parallel", ["tensor", "pipeline"])
+def test_gguf_held_packed_splits_over_two_ranks(parallel):
+    """The embedded model's blocks (Q4_1 and its packed, tied embedding) under TP=2 (each rank
+    its heads, widths and vocabulary rows, cut on whole words and groups) and PP=2 (the last
+    stage's tied head: its own copy of the embedding's blocks) give the single process's
+    greedy tokens and first-token logprobs."""
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=5)
+    single = make_llm(quantization="gguf")
+    expected = single.generate(GGUF_PROMPTS, greedy)
+    llm = make_llm(quantization="gguf", **{f"{parallel}_parallel_size": 2})
+    try:
+        model = llm.engine.runner.model
+        assert isinstance(model.embed_tokens, PackedEmbedding)
+        if parallel == "tensor":  # half the vocabulary's columns on rank 0
+            assert model.embed_tokens.layer.qweight.shape[1] == 49152 // 2
+        for a, b in zip(expected, llm.generate(GGUF_PROMPTS, greedy)):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            first_a, first_b = a.outputs[0].logprobs[0], b.outputs[0].logprobs[0]
+            assert set(first_a) == set(first_b)
+            for token in first_a:
+                assert first_b[token].logprob == pytest.approx(first_a[token].logprob,
+                                                               abs=1e-4)
+    finally:
+        llm.engine.runner.close()

@@ -102,22 +102,33 @@ def block_integers(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarra
 class PackedEmbedding(nn.Module):
     """A token embedding [vocab, hidden] held as a WeightOnlyLinear of hidden -> vocab (its
     rows are the layout's columns): a lookup gathers and unpacks the columns of the tokens
-    asked for; `project` is the LM head's matmul over the same blocks (a tied head)."""
+    asked for; `project` is the LM head's matmul over the same blocks (a tied head).
 
-    def __init__(self, layer, dtype: torch.dtype):
+    Under tensor parallelism it holds the rank's vocabulary rows from vocab_start, as
+    VocabParallelEmbedding does: other tokens look up zeros and the ranks' lookups are summed."""
+
+    def __init__(self, layer, dtype: torch.dtype, vocab_start: int = 0, tp=None):
         super().__init__()
         self.layer, self.dtype = layer, dtype
+        self.vocab_start, self.tp = vocab_start, tp
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         from pagewire.model.quantization.weight_only import unpack_rows
 
-        flat = ids.reshape(-1)
+        flat = ids.reshape(-1) - self.vocab_start
         layer = self.layer
+        inside = None
+        if self.tp is not None:
+            inside = (flat >= 0) & (flat < layer.out_features)
+            flat = flat.clamp(0, layer.out_features - 1)
         q = unpack_rows(layer.qweight.index_select(1, flat), layer.bits)  # [K, T]
         q = q.view(-1, layer.group_size, flat.numel()).to(self.dtype)
         rows = q * layer.scales.index_select(1, flat).to(self.dtype).unsqueeze(1) + \
             layer.offsets.index_select(1, flat).to(self.dtype).unsqueeze(1)
-        return rows.view(layer.in_features, -1).t().reshape(*ids.shape, layer.in_features)
+        out = rows.view(layer.in_features, -1).t()
+        if inside is not None:
+            out = self.tp.all_reduce(out * inside.unsqueeze(-1).to(out.dtype))
+        return out.reshape(*ids.shape, layer.in_features)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.layer(hidden)
@@ -199,17 +210,23 @@ def _projection_kinds(all_kinds: dict[str, str]) -> dict[str, str]:
             and "norm" not in name}
 
 
-def prepare_gguf(model: nn.Module, gguf_path: str) -> None:
+def prepare_gguf(model: nn.Module, gguf_path: str, first_layer: int = 0) -> None:
     """WeightOnlyLinear layers in place of the projections, each in its GGUF type's layout
-    (a fused layer of mixed types in the widest: layer_format)."""
+    (a fused layer of mixed types in the widest: layer_format). A tensor-parallel rank's
+    layers are its slices already; a pipeline stage's layers are the file's from first_layer
+    on (their types may differ from layer to layer)."""
     all_kinds = kinds_all(gguf_path)  # one read of the file's tensor directory
     exact_f16 = all(kind in EXACT_IN_F16 for kind in all_kinds.values() if kind in FORMATS)
-    prepare_projections(model, _projection_kinds(all_kinds), exact_f16)
+    prepare_projections(model, _projection_kinds(all_kinds), exact_f16, first_layer)
     _prepare_embeddings(model, all_kinds, exact_f16)
 
 
-def prepare_projections(model: nn.Module, kinds: dict[str, str], exact_f16: bool) -> None:
+def prepare_projections(model: nn.Module, kinds: dict[str, str], exact_f16: bool,
+                        first_layer: int = 0) -> None:
     for name, module in list(model.named_modules()):
+        if name.startswith("layers.") and first_layer:  # the file's numbering of the layer
+            parts = name.split(".")
+            name = ".".join(["layers", str(int(parts[1]) + first_layer), *parts[2:]])
         for child_name, child in list(module.named_children()):
             if child_name == "lm_head" or not child_name.endswith("_proj"):
                 continue
@@ -246,18 +263,25 @@ def _packed_layer(in_features, out_features, kind, dtype, device, exact_f16):
 
 
 def _prepare_embeddings(model: nn.Module, kinds: dict[str, str], exact_f16: bool) -> None:
-    """The token embedding and LM head stay in their blocks where their types allow."""
-    embed = model.embed_tokens
-    dtype, device = embed.weight.dtype, embed.weight.device
-    vocab, hidden = embed.weight.shape
+    """The token embedding and LM head stay in their blocks where their types allow. A
+    pipeline stage holds the embedding if it is the first, the head if it is the last (a
+    later stage's tied head: its own copy of the embedding's blocks, loaded as lm_head)."""
+    embed, head = getattr(model, "embed_tokens", None), getattr(model, "lm_head", None)
+    weight = (embed if embed is not None else head).weight
+    dtype, device = weight.dtype, weight.device
+    vocab, hidden = weight.shape  # this rank's rows of the vocabulary under TP
     kind = kinds.get("token_embd.weight")
     tied = model.spec.tie_word_embeddings or "output.weight" not in kinds
     if kind in FORMATS:
-        model.embed_tokens = PackedEmbedding(
-            _packed_layer(hidden, vocab, kind, dtype, device, exact_f16), dtype)
-        if tied:
-            model.lm_head = TiedPackedHead(model.embed_tokens)
-    if not tied and kinds.get("output.weight") in FORMATS:
+        layer = _packed_layer(hidden, vocab, kind, dtype, device, exact_f16)
+        if embed is not None:
+            model.embed_tokens = PackedEmbedding(layer, dtype, getattr(embed, "vocab_start", 0),
+                                                 getattr(embed, "tp", None))
+            if tied and head is not None:
+                model.lm_head = TiedPackedHead(model.embed_tokens)
+        elif tied and head is not None:
+            model.lm_head = layer
+    if not tied and head is not None and kinds.get("output.weight") in FORMATS:
         model.lm_head = _packed_layer(hidden, vocab, kinds["output.weight"], dtype, device,
                                       exact_f16)
 
