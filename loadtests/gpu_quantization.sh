@@ -8,6 +8,8 @@
 #            process each, one after the other, with --full-warmup as W1's earlier figures
 #            (W1_METHODS picks them: "none fp8" by default; W1_KV=fp8: both with an fp8 KV cache).
 #   breakdown gpu_time_breakdown.py: W1's GPU time by kernel group, per method (W1_METHODS).
+#   fp8gemm  gpu_fp8_gemm.py: e4m3 GEMMs (row-wise and tensor-wise scales) against bf16 at W1's
+#            decode and prefill token counts, with and without the activation quantization.
 #   bash loadtests/gpu_quantization.sh kernels decode
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
@@ -38,6 +40,8 @@ for step in "$@"; do
           --full-warmup "${flags[@]}" --json "$OUT/w1-$quantization-kv${W1_KV:-auto}.json" 2>&1 \
           | tee -a "$OUT/w1.log"
       done ;;
+    fp8gemm)
+      python3 loadtests/gpu_fp8_gemm.py 2>&1 | tee "$OUT/fp8gemm.log" ;;
     breakdown)
       for quantization in ${W1_METHODS:-none fp8}; do
         flags=(--kv-cache-dtype "${W1_KV:-auto}")
@@ -46,6 +50,6 @@ for step in "$@"; do
         (cd loadtests && python3 gpu_time_breakdown.py --model configs/llama3-8b --top 16 \
           "${flags[@]}") 2>&1 | tee -a "$OUT/breakdown.log"
       done ;;
-    *) echo "unknown step $step (kernels, decode, w1, breakdown)"; exit 2 ;;
+    *) echo "unknown step $step (kernels, decode, w1, breakdown, fp8gemm)"; exit 2 ;;
   esac
 done
