@@ -97,7 +97,7 @@ class EngineConfig:
     overlaps the device's. None: on CUDA with one rank (on CPU the host is the device; under
     parallelism it waits for a multi-GPU measurement). Under tensor parallelism rank 0 sends
     the tokens step N sampled to the other ranks on the device; under pipeline parallelism True
-    means micro-batches: two steps in the pipeline at once."""
+    means micro-batches: a step per stage in the pipeline at once."""
     kv_cache_shared_dir: str | None = None
     """CPU only: keep the KV cache in a file of this tmpfs folder (mapped shared), so a prefill
     worker on the same host can write a prompt's KV straight into it (the shm KV transport).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -89,11 +90,13 @@ class LLMEngine:
               f"{kv.describe()}", flush=True)
         self.block_manager = BlockManager(kv.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
-        # Pipeline stages overlap two steps of disjoint micro-batches (async scheduling's
-        # one step in flight): while the last stage finishes one, the first starts the next.
+        # Pipeline stages overlap steps of disjoint micro-batches, one per stage: while the
+        # last stage finishes one, the earlier ones compute the next. Steps launched and not
+        # read back: none (synchronous), one (async scheduling) or a stage count less one.
         micro_batches = config.pipeline_parallel_size if config.use_async_scheduling else 1
         self.scheduler = Scheduler(self.block_manager, config.seq_limit,
                                    config.token_budget, micro_batches)
+        self._depth = max(micro_batches - 1, 1) if config.use_async_scheduling else 0
         self.eos_token_ids = eos_token_ids(self.source, self.tokenizer)
         self.kv_layout = KVLayout(self.source.name, dtype_name(config.kv_torch_dtype),
                                   config.block_size, spec.num_layers, spec.num_kv_heads,
@@ -106,7 +109,7 @@ class LLMEngine:
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._stop_matchers: dict[str, StopStringMatcher] = {}
         self._texts: dict[str, str] = {}
-        self._in_flight: StepResult | None = None  # launched, tokens not read back yet
+        self._in_flight: deque[StepResult] = deque()  # launched, tokens not read back yet
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -189,7 +192,7 @@ class LLMEngine:
         return self._pop_output(seq)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or self._in_flight is not None
+        return self.scheduler.has_unfinished() or bool(self._in_flight)
 
     def num_unfinished_requests(self) -> int:
         return len(self.scheduler.waiting) + len(self.scheduler.running)
@@ -203,17 +206,25 @@ class LLMEngine:
         With async scheduling a step is read back by the next call: this call launches step
         N+1 first, then waits for step N's tokens and processes them while the device computes
         N+1. A sequence that step N ended (a stop string, EOS) had one token too many computed
-        in N+1; that token is dropped."""
-        in_flight, self._in_flight = self._in_flight, None
-        if in_flight is not None and in_flight.needs_host_tokens:
-            return self._finish_step(in_flight, finished_only)  # penalties, grammars
-        launched = self._launch(in_flight)
-        outputs = self._finish_step(in_flight, finished_only) if in_flight is not None else []
+        in N+1; that token is dropped. Pipeline micro-batches keep up to a stage count less
+        one steps in flight, each of another micro-batch, and read back the oldest."""
+        in_flight = self._in_flight
+        outputs: list[RequestOutput] = []
+        if in_flight and in_flight[-1].needs_host_tokens:  # penalties, grammars
+            while in_flight:
+                outputs += self._finish_step(in_flight.popleft(), finished_only)
+            return outputs
+        if self.scheduler.num_micro_batches > 1:  # the turn's last step must be back first
+            turn = self.scheduler.next_turn
+            while any(step.micro_batch == turn for step in in_flight):
+                outputs += self._finish_step(in_flight.popleft(), finished_only)
+        launched = self._launch(in_flight[-1] if in_flight else None)
         if launched is not None:
-            if self.config.use_async_scheduling:
-                self._in_flight = launched
-            else:
-                outputs += self._finish_step(launched, finished_only)
+            in_flight.append(launched)
+        # Nothing launched (all in flight, or done): read one back, which frees its turn.
+        keep = self._depth if launched is not None else len(in_flight) - 1
+        while len(in_flight) > max(keep, 0):
+            outputs += self._finish_step(in_flight.popleft(), finished_only)
         return outputs
 
     def _launch(self, in_flight: StepResult | None) -> StepResult | None:
@@ -230,6 +241,7 @@ class LLMEngine:
         self.stats.num_computed_tokens += batch.num_batched_tokens
         self.stats.num_prefix_hit_tokens += batch.num_prefix_hit_tokens
         result = self.runner.execute(batch, in_flight)
+        result.micro_batch = batch.micro_batch
         self.scheduler.commit_step(batch)
         for seq in batch.seqs:  # after the forward, in its order: the KV they read is written
             if seq.kv_sink is not None:

@@ -83,6 +83,7 @@ class StepResult:
     # Pipeline parallelism: the logits are still in the pipeline; this samples once they are
     # back (host_output calls it), so the next micro-batch's first stage runs meanwhile.
     sample_later: Callable[[], StepResult] | None = None
+    micro_batch: int = 0  # the scheduler's micro-batch whose step this is
 
     @property
     def samples(self) -> bool:

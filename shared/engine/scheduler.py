@@ -10,8 +10,8 @@ preempted by recompute: its blocks are freed and it waits again at the front of 
 
 Pipeline micro-batches (`num_micro_batches` > 1): each sequence belongs to one micro-batch (the
 one scheduling when it was admitted) and steps take the micro-batches in turn, so a step never
-holds a sequence whose previous token is still in the pipeline, and the stages work on two
-steps at once.
+holds a sequence whose previous token is still in the pipeline, and each stage works on
+another step at once.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class ScheduledBatch:
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     num_prefix_hit_tokens: int = 0  # tokens newly admitted sequences found in the prefix cache
+    micro_batch: int = 0  # whose turn it was
 
     @property
     def num_batched_tokens(self) -> int:
@@ -57,9 +58,14 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def next_turn(self) -> int:
+        """The micro-batch the next schedule() takes."""
+        return self._turn % self.num_micro_batches
+
     def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch()
-        turn = self._turn % self.num_micro_batches
+        turn = self.next_turn
+        batch = ScheduledBatch(micro_batch=turn)
         self._turn = turn + 1
         budget = self._schedule_running(batch, self.max_num_batched_tokens, turn)
         if not batch.preempted:  # no room was short this step: admit new work

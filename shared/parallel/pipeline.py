@@ -7,11 +7,11 @@ whole hidden state after its block's all-reduce); the last applies the final nor
 head, and its first TP rank sends the logits back to rank 0, which samples.
 
 By default the pipeline holds one step: while one stage computes, the others wait. With
-`async_scheduling=True` it holds two micro-batches (the scheduler's disjoint halves of the
-running sequences, in turn): rank 0 posts the receive of a step's logits at once and samples
-them only after launching the next step into the first stage (`receive_logits`,
-StepResult.sample_later), so the first stage computes one micro-batch while the last computes
-the other. On CPU, where the stages share the cores and decode reads the same weights for half
+`async_scheduling=True` it holds a micro-batch per stage (the scheduler's disjoint parts of
+the running sequences, in turn; the engine keeps up to stages - 1 steps in flight): rank 0
+posts the receive of a step's logits at once and samples them only after launching the next
+step into the first stage (`receive_logits`, StepResult.sample_later), so each stage computes
+another micro-batch at once. On CPU, where the stages share the cores and decode reads the same weights for half
 the batch, that measured slower (loadtests/RESULTS.md); it is meant for one GPU per stage.
 """
 

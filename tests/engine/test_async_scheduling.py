@@ -32,7 +32,7 @@ def _results(outputs):
 def _assert_idle(llm):
     engine = llm.engine
     assert not engine.has_unfinished_requests()
-    assert engine._in_flight is None
+    assert not engine._in_flight
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
@@ -82,7 +82,7 @@ def test_async_scheduling_overlaps_and_drops_void_tokens(async_llm):
         for output in engine.step():
             if output.finished:
                 finished[output.request_id] = output
-        seen_in_flight |= engine._in_flight is not None
+        seen_in_flight |= bool(engine._in_flight)
     assert seen_in_flight
     assert "," not in finished["a"].outputs[0].text
     assert finished["a"].outputs[0].finish_reason == "stop"
@@ -120,7 +120,7 @@ def test_async_scheduling_survives_preemption_and_abort():
         engine.add_request(str(i), engine.tokenizer.encode(prompt), params)
     for _ in range(3):
         engine.step()
-    assert engine._in_flight is not None
+    assert engine._in_flight
     engine.abort_request("1")  # its token is still on the device
     done = {}
     while engine.has_unfinished_requests():

@@ -46,16 +46,24 @@ def pp_llm():
     llm.engine.runner.close()
 
 
-def test_two_micro_batches_in_the_pipeline_give_the_same_tokens(llm):
-    """async_scheduling=True: two micro-batches take turns, one in each stage at once (the
-    default holds one step in the pipeline; the test below checks it)."""
+@pytest.mark.parametrize("stages", [2, 3])
+def test_a_micro_batch_per_stage_gives_the_same_tokens(llm, stages):
+    """async_scheduling=True: a micro-batch per stage, taken in turn, each stage on another at
+    once: up to stages - 1 steps in flight beside the one launched (the default holds one
+    step in the pipeline; the test below checks it)."""
     greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    micro = make_llm(pipeline_parallel_size=2, async_scheduling=True)
+    micro = make_llm(pipeline_parallel_size=stages, async_scheduling=True)
+    engine = micro.engine
+    depths = []
+    step = engine.step
+    engine.step = lambda *a, **k: (step(*a, **k), depths.append(len(engine._in_flight)))[0]
     try:
-        assert micro.engine.scheduler.num_micro_batches == 2
-        for a, b in zip(llm.generate(PROMPTS, greedy), micro.generate(PROMPTS, greedy)):
+        assert engine.scheduler.num_micro_batches == stages
+        prompts = [f"{p} {i}" for i, p in enumerate((PROMPTS * 2)[:2 * stages])]  # 2 each
+        for a, b in zip(llm.generate(prompts, greedy), micro.generate(prompts, greedy)):
             assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        assert micro.engine.stats.num_steps >= 2 * 16  # each micro-batch its own steps
+        assert engine.stats.num_steps >= stages * 16  # each micro-batch its own steps
+        assert max(depths) == stages - 1
     finally:
         micro.engine.runner.close()
 
