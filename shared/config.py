@@ -109,8 +109,8 @@ class EngineConfig:
     layout without it. None: the model's dtype."""
     tensor_parallel_size: int = 1
     """Ranks (processes; one GPU each on CUDA) that each hold a slice of every layer
-    (parallel/). Above 1, steps run without CUDA graphs, and speculative decoding is not
-    supported yet."""
+    (parallel/). Above 1, steps run without CUDA graphs (speculation's drafts are proposed and
+    verified on rank 0)."""
     pipeline_parallel_size: int = 1
     """Stages of consecutive layers (parallel/pipeline.py), each of tensor_parallel_size
     ranks; one step in flight at a time unless async_scheduling=True (micro-batches)."""
@@ -153,10 +153,6 @@ class EngineConfig:
         if self.pipeline_parallel_size < 1:
             raise ValueError("pipeline_parallel_size must be >= 1, got "
                              f"{self.pipeline_parallel_size}")
-        if self.parallel_size > 1:
-            if self.speculative_config is not None:
-                raise ValueError("speculative decoding with tensor or pipeline parallelism is "
-                                 "not supported yet")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {tuple(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")

@@ -93,6 +93,7 @@ class StepResult:
         if self.sample_later is not None:
             sampled, self.sample_later = self.sample_later(), None
             self.output, self.host_copy = sampled.output, sampled.host_copy
+            self.num_rows = sampled.num_rows  # a verify step's rows (speculative drafts)
         assert self.output is not None and self.host_copy is not None
         return SamplerOutput(*self.host_copy.wait()[:4])
 

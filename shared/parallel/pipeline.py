@@ -11,8 +11,9 @@ By default the pipeline holds one step: while one stage computes, the others wai
 the running sequences, in turn; the engine keeps up to stages - 1 steps in flight): rank 0
 posts the receive of a step's logits at once and samples them only after launching the next
 step into the first stage (`receive_logits`, StepResult.sample_later), so each stage computes
-another micro-batch at once. On CPU, where the stages share the cores and decode reads the same weights for half
-the batch, that measured slower (loadtests/RESULTS.md); it is meant for one GPU per stage.
+another micro-batch at once. On CPU, where the stages share the cores and decode reads the
+same weights for half the batch, that measured slower (loadtests/RESULTS.md); it is meant for
+one GPU per stage.
 """
 
 from __future__ import annotations

@@ -109,9 +109,3 @@ def test_tensor_and_pipeline_parallel_together(llm):
         assert_kv_moves(llm, llm, both, "one_to_tp2pp2")
     finally:
         both.engine.runner.close()
-
-
-def test_parallel_settings_refused_where_they_do_not_run_yet():
-    with pytest.raises(ValueError, match="speculative decoding with tensor or pipeline"):
-        make_llm(pipeline_parallel_size=2, speculative_config={
-            "method": "ngram", "num_speculative_tokens": 2})

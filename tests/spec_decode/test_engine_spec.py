@@ -145,3 +145,27 @@ def test_penalties_and_grammars_decode_as_without_speculation(plain_llm, spec_ll
     assert spec_llm.engine.speculator.stats.num_drafts > before  # the greedy two speculated
     assert token_ids(spec) == token_ids(plain_llm.generate(prompts, mixed))
     assert spec[1].outputs[0].text.startswith('{"name": "')
+
+
+@pytest.mark.parametrize("parallel, method", [("pipeline", "ngram"), ("tensor", "draft_model")])
+def test_speculation_under_parallelism_equals_greedy(plain_llm, parallel, method):
+    """Drafts are proposed and verified on rank 0 (a draft model, here the model itself, beside
+    its shard, on its own cache); the other ranks run the verify step as any other. Under PP
+    the verify step's rows come back with its logits (StepResult.sample_later), and rejected
+    drafts roll back."""
+    from pagewire.model.model_source import embedded_gguf_path
+
+    config = NGRAM if method == "ngram" else {
+        "method": "draft_model", "model": embedded_gguf_path(), "num_speculative_tokens": 3}
+    prompts = [{"prompt_token_ids": plain_llm.get_tokenizer().encode(p)} for p in PLAIN]
+    llm = make_llm(speculative_config=config, kv_cache_memory_bytes=128 << 20,
+                   **{f"{parallel}_parallel_size": 2})
+    try:
+        assert token_ids(llm.generate(prompts, GREEDY)) == \
+            token_ids(plain_llm.generate(prompts, GREEDY))
+        stats = llm.engine.speculator.stats
+        assert stats.num_accepted_tokens > 0
+        if method == "ngram":  # some drafts were rejected: their KV rolled back
+            assert stats.num_accepted_tokens < stats.num_draft_tokens
+    finally:
+        llm.engine.runner.close()
