@@ -156,6 +156,16 @@ class DecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
+def vocab_parallel_lookup(ids: torch.Tensor, vocab_start: int, num_rows: int, tp,
+                          lookup) -> torch.Tensor:
+    """A rank's part of an embedding lookup, rows [vocab_start, vocab_start + num_rows) held
+    here: `lookup` of local row ids, tokens outside them zeros, summed over the ranks."""
+    local = ids - vocab_start
+    inside = (local >= 0) & (local < num_rows)
+    out = lookup(local.clamp(0, num_rows - 1))
+    return tp.all_reduce(out * inside.unsqueeze(-1).to(out.dtype))
+
+
 class VocabParallelEmbedding(nn.Embedding):
     """This rank's rows of the embedding: tokens outside them look up zeros, and the ranks'
     lookups sum to the full one."""
@@ -165,10 +175,8 @@ class VocabParallelEmbedding(nn.Embedding):
         self.vocab_start, self.tp = vocab_start, tp
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        local = ids - self.vocab_start
-        inside = (local >= 0) & (local < self.num_embeddings)
-        out = super().forward(local.clamp(0, self.num_embeddings - 1))
-        return self.tp.all_reduce(out * inside.unsqueeze(-1).to(out.dtype))
+        return vocab_parallel_lookup(ids, self.vocab_start, self.num_embeddings, self.tp,
+                                     super().forward)
 
 
 class LlamaForCausalLM(nn.Module):

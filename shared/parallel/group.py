@@ -5,11 +5,12 @@ fails (a rank died, its socket closed) raises: the engine stops and its worker i
 lost.
 
 A second, gloo group carries rank 0's control messages (parallel/step_message.py) as host
-tensors. Its followers wait for the next message without a deadline: an engine may sit idle for
-hours, and rank 0's death closes its sockets, which ends the wait at once (with the data group's
-timeout, an engine idle for a minute lost its followers). On CUDA it also lets a follower read the
-next step's inputs while its GPU still runs the last one, and launch the next forward behind
-it, where a message over NCCL makes its host wait for its GPU before every step."""
+tensors. Its followers wait for the next message without a deadline: an engine may sit idle
+for hours, and rank 0's death closes its sockets, which ends the wait at once (with the data
+group's timeout, an engine idle for a minute lost its followers). On CUDA it also lets a
+follower read the next step's inputs while its GPU still runs the last one, and launch the
+next forward behind it, where a message over NCCL makes its host wait for its GPU before
+every step."""
 
 from __future__ import annotations
 

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pagewire.model.llama import vocab_parallel_lookup
+
 # GGUF type name -> (bits, group size) in WeightOnlyLinear.
 FORMATS = {"Q4_0": (4, 32), "Q4_1": (4, 32), "Q8_0": (8, 32), "Q4_K": (4, 32), "Q6_K": (8, 16)}
 EXACT_IN_F16 = ("Q4_0", "Q4_1", "Q8_0")
@@ -113,22 +115,22 @@ class PackedEmbedding(nn.Module):
         self.vocab_start, self.tp = vocab_start, tp
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return self._unpack(ids)
+        return vocab_parallel_lookup(ids, self.vocab_start, self.layer.out_features, self.tp,
+                                     self._unpack)
+
+    def _unpack(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (local) of the embedding, unpacked: [*ids.shape, hidden]."""
         from pagewire.model.quantization.weight_only import unpack_rows
 
-        flat = ids.reshape(-1) - self.vocab_start
+        flat = ids.reshape(-1)
         layer = self.layer
-        inside = None
-        if self.tp is not None:
-            inside = (flat >= 0) & (flat < layer.out_features)
-            flat = flat.clamp(0, layer.out_features - 1)
         q = unpack_rows(layer.qweight.index_select(1, flat), layer.bits)  # [K, T]
         q = q.view(-1, layer.group_size, flat.numel()).to(self.dtype)
         rows = q * layer.scales.index_select(1, flat).to(self.dtype).unsqueeze(1) + \
             layer.offsets.index_select(1, flat).to(self.dtype).unsqueeze(1)
-        out = rows.view(layer.in_features, -1).t()
-        if inside is not None:
-            out = self.tp.all_reduce(out * inside.unsqueeze(-1).to(out.dtype))
-        return out.reshape(*ids.shape, layer.in_features)
+        return rows.view(layer.in_features, -1).t().reshape(*ids.shape, layer.in_features)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.layer(hidden)
